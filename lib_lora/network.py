@@ -1,0 +1,541 @@
+"""``LoRANetwork``: find targets in the WebUI's module trees, build LoRA modules, attach, merge, load and save.
+
+The network's ``state_dict()`` holds exactly the Kohya keys (``<name>.lora_down.weight``, ``<name>.lora_up.weight``,
+``<name>.alpha``), because every LoRA module is registered under its Kohya name, as sd-scripts ``LoRANetwork``
+does. The target layers are never registered inside the network, so the base model's ``state_dict`` is untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import keymap, targets
+from .errors import ConfigError, FormatError
+from .lora_module import FusedAttentionAdapter, LoRAModule
+from .model_api import TextEncoderRoot
+
+_RESBLOCK_PATH = re.compile(r"(?:^|\.)resblocks\.(\d+)$")
+
+
+@dataclass
+class Target:
+    """One layer that can carry a LoRA module.
+
+    Attributes:
+        name: the Kohya key (canonical for this architecture).
+        aliases: other names files use for the same layer (LDM-named SD1/SD2 UNet keys, diffusers-named SDXL keys).
+        part: ``"unet"`` or ``"te"``.
+        layer: the nn.Linear / nn.Conv2d, or the nn.MultiheadAttention for a fused-attention part.
+        mha_part: ``"q_proj"``/``"k_proj"``/``"v_proj"``/``"out_proj"`` for a fused-attention part, else None.
+        in_conv_block: found inside a ResBlock/Downsample/Upsample (created only with conv_dim, as sd-scripts).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    part: str
+    layer: nn.Module
+    mha_part: str | None = None
+    in_conv_block: bool = False
+
+    @property
+    def kernel_size(self) -> tuple[int, int] | None:
+        """The target's kernel size for a conv, None for Linear and attention parts."""
+        return tuple(self.layer.kernel_size) if isinstance(self.layer, nn.Conv2d) else None
+
+    @property
+    def is_kxk_conv(self) -> bool:
+        """True for a conv with a kernel larger than 1x1 (gets conv_dim)."""
+        k = self.kernel_size
+        return k is not None and k != (1, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight a delta for this target has."""
+        if self.mha_part is not None:
+            e = self.layer.embed_dim
+            return (e, e)
+        return tuple(self.layer.weight.shape)
+
+
+def _unet_layout(unet: nn.Module) -> tuple[int, int]:
+    """(num_levels, num_res_blocks) of an ldm/sgm UNetModel."""
+    nrb = unet.num_res_blocks
+    nrb = nrb[0] if isinstance(nrb, (list, tuple)) else nrb
+    return len(unet.channel_mult), int(nrb)
+
+
+def _is_target_leaf(m: nn.Module) -> bool:
+    # Exact class names, as sd-scripts checks ``child_module.__class__.__name__``.
+    return m.__class__.__name__ in ("Linear", "Conv2d")
+
+
+def find_unet_targets(unet: nn.Module, arch: str, include_conv: bool) -> list[Target]:
+    """Lists the UNet layers sd-scripts would wrap, named as Kohya names them for ``arch``.
+
+    Args:
+        unet: an ldm/sgm ``UNetModel`` (the WebUI's ``sd_model.model.diffusion_model``), any device incl. meta.
+        arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        include_conv: also list the layers of ResBlock/Downsample/Upsample (sd-scripts does with conv_dim).
+
+    Raises:
+        ConfigError: unknown arch.
+    """
+    if arch not in targets.UNET_NAMING:
+        raise ConfigError(f"unknown architecture {arch!r}; expected one of {sorted(targets.UNET_NAMING)}")
+    levels, nrb = _unet_layout(unet)
+    classes = targets.UNET_TARGET_CLASSES + (targets.UNET_CONV_TARGET_CLASSES if include_conv else ())
+    found: list[Target] = []
+    for block_path, block in unet.named_modules():
+        cls = block.__class__.__name__
+        if cls not in classes:
+            continue
+        in_conv = cls in targets.UNET_CONV_TARGET_CLASSES
+        for child_path, child in block.named_modules():
+            if not child_path or not _is_target_leaf(child):
+                continue
+            path = f"{block_path}.{child_path}"
+            ldm_name = keymap.kohya_name(targets.PREFIX_UNET, path)
+            diff_path = keymap.ldm_to_diffusers_unet_path(path, levels, nrb)
+            diff_name = keymap.kohya_name(targets.PREFIX_UNET, diff_path) if diff_path else None
+            if targets.UNET_NAMING[arch] == "diffusers":
+                if diff_name is None:
+                    continue
+                name, aliases = diff_name, (ldm_name,)
+            else:
+                name, aliases = ldm_name, ((diff_name,) if diff_name else ())
+            found.append(Target(name, aliases, "unet", child, in_conv_block=in_conv))
+    return found
+
+
+def find_text_encoder_targets(root: TextEncoderRoot) -> list[Target]:
+    """Lists the text-encoder layers sd-scripts would wrap.
+
+    HF ``CLIPTextModel``: every Linear in CLIPAttention/CLIPMLP (q/k/v/out_proj, fc1, fc2), named from the model
+    root (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``). OpenCLIP: per ResidualAttentionBlock the fused
+    attention as four parts plus mlp c_fc/c_proj, named as sd-scripts names the HF-converted model; blocks at index
+    >= ``root.layers_used`` are skipped (SD2's last block, unused at the penultimate layer).
+    """
+    found: list[Target] = []
+    for block_path, block in root.module.named_modules():
+        cls = block.__class__.__name__
+        if cls in targets.HF_CLIP_TARGET_CLASSES:
+            for child_path, child in block.named_modules():
+                if child_path and _is_target_leaf(child):
+                    found.append(Target(keymap.kohya_name(root.prefix, f"{block_path}.{child_path}"), (), "te", child))
+        elif cls == targets.OPENCLIP_BLOCK_CLASS:
+            m = _RESBLOCK_PATH.search(block_path)
+            if m is None:
+                continue
+            layer = int(m.group(1))
+            if root.layers_used is not None and layer >= root.layers_used:
+                continue
+            for part in targets.MHA_PARTS:
+                path = keymap.openclip_kohya_path(layer, f"attn.{part}")
+                found.append(Target(keymap.kohya_name(root.prefix, path), (), "te", block.attn, mha_part=part))
+            for child in targets.OPENCLIP_CHILD_TO_HF:
+                path = keymap.openclip_kohya_path(layer, child)
+                found.append(Target(keymap.kohya_name(root.prefix, path), (), "te", block.get_submodule(child)))
+    return found
+
+
+def find_targets(unet: nn.Module | None, text_encoders: Sequence[TextEncoderRoot], arch: str,
+                 include_conv: bool) -> list[Target]:
+    """All targets of a model: UNet first, then each text encoder in order (see the two functions above)."""
+    found = find_unet_targets(unet, arch, include_conv) if unet is not None else []
+    for root in text_encoders:
+        found.extend(find_text_encoder_targets(root))
+    return found
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`LoRANetwork.load_weights` did with a file's keys.
+
+    Attributes:
+        loaded: Kohya names of the modules whose weights were loaded.
+        unmatched: module names in the file that match no layer of this model (reported, not loaded).
+        unknown_keys: keys that are not LoRA keys at all (e.g. ``lora_te2_text_projection`` extras, LoHa keys).
+        shape_errors: ``name: reason`` for modules whose tensors do not fit their layer.
+        missing_alpha: names loaded without an ``.alpha`` key (alpha = rank, scale 1.0).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)
+    shape_errors: list[str] = field(default_factory=list)
+    missing_alpha: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every key of the file was used."""
+        return not (self.unmatched or self.unknown_keys or self.shape_errors)
+
+    def summary(self) -> str:
+        """One human-readable paragraph naming every key that was not used."""
+        lines = [f"loaded {len(self.loaded)} modules"]
+        if self.missing_alpha:
+            lines.append(f"{len(self.missing_alpha)} without alpha (scale 1.0)")
+        if self.unmatched:
+            lines.append(f"{len(self.unmatched)} modules match no layer of this model: {', '.join(self.unmatched)}")
+        if self.unknown_keys:
+            lines.append(f"{len(self.unknown_keys)} keys are not LoRA keys: {', '.join(self.unknown_keys)}")
+        if self.shape_errors:
+            lines.append("shape mismatches: " + "; ".join(self.shape_errors))
+        return "; ".join(lines)
+
+
+_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+
+
+def group_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Splits Kohya keys at the first "." into module name and part.
+
+    Returns:
+        ({module name: {part: tensor}}, unknown keys). Parts: lora_down.weight, lora_up.weight, lora_mid.weight,
+        alpha. A module without both down and up counts as unknown keys.
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        name, _, part = key.partition(".")
+        if part in _PARTS:
+            modules.setdefault(name, {})[part] = value
+        else:
+            unknown.append(key)
+    for name in list(modules):
+        parts = modules[name]
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            unknown.extend(f"{name}.{p}" for p in parts)
+            del modules[name]
+    return modules, sorted(unknown)
+
+
+def _fit_down(down: torch.Tensor, mid: torch.Tensor | None, target: Target, param: torch.Tensor) -> torch.Tensor:
+    """Reshapes a file's lora_down (folding lora_mid) to this network's lora_down parameter shape.
+
+    - ``lora_mid`` (LyCORIS/CP: down 1x1 -> mid k x k -> up 1x1) folds exactly into a k x k down:
+      ``down'[s, i] = sum_r mid[s, r] * down[r, i]`` per kernel tap.
+    - a 1x1/2-D down for a k x k target is put on the centre tap, which equals a 1x1 conv with the target's stride
+      (padding k//2): what A1111 computes for such files.
+    - 2-D <-> 4-D 1x1 (SD2 proj_in/out saved as conv by sd-scripts, Linear in the WebUI) is a reshape.
+    """
+    rank = down.shape[0]
+    if mid is not None:
+        down2 = down.reshape(rank, -1)
+        down = torch.einsum("srkl,ri->sikl", mid.float(), down2.float())
+    if param.dim() == 4 and param.shape[2:] != (1, 1) and down.numel() == param.shape[0] * param.shape[1]:
+        full = torch.zeros(param.shape, dtype=down.dtype)
+        full[:, :, param.shape[2] // 2, param.shape[3] // 2] = down.reshape(param.shape[0], param.shape[1])
+        return full
+    if down.numel() != param.numel():
+        raise ValueError(f"lora_down {tuple(down.shape)} does not fit {tuple(param.shape)}")
+    return down.reshape(param.shape)
+
+
+class LoRANetwork(nn.Module):
+    """A set of LoRA modules over one model, registered under their Kohya names.
+
+    Build one with :meth:`create` (training: ranks from the config) or :meth:`from_weights` (ranks from a file).
+    ``attach()``/``detach()`` wrap and restore the targets' forwards; ``merge()``/``unmerge()`` add the deltas into
+    the base weights (for export or fast inference) and restore them bit-exactly.
+
+    Args:
+        targets_list: the layers to wrap (:func:`find_targets`).
+        ranks: Kohya name -> rank; targets without an entry get no module.
+        alphas: Kohya name -> alpha (None = rank).
+        dropout, rank_dropout, module_dropout: as :class:`LoRAModule`.
+    """
+
+    def __init__(self, targets_list: Sequence[Target], ranks: dict[str, int], alphas: dict[str, float | None],
+                 dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None):
+        super().__init__()
+        self._targets: dict[str, Target] = {}
+        self._adapters: list[FusedAttentionAdapter] = []
+        self._attached: list[tuple[nn.Module, bool, object]] = []
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        mha_parts: dict[int, dict[str, LoRAModule]] = {}
+        for t in targets_list:
+            rank = ranks.get(t.name)
+            if not rank:
+                continue
+            if t.mha_part is not None:
+                e = t.layer.embed_dim
+                lora = LoRAModule(t.name, e, e, rank, alphas.get(t.name), dropout=dropout,
+                                  rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                  device=t.layer.in_proj_weight.device)
+                mha_parts.setdefault(id(t.layer), {})[t.mha_part] = lora
+            elif isinstance(t.layer, nn.Conv2d):
+                lora = LoRAModule(t.name, t.layer.in_channels, t.layer.out_channels, rank, alphas.get(t.name),
+                                  kernel_size=tuple(t.layer.kernel_size), stride=t.layer.stride,
+                                  padding=t.layer.padding, dropout=dropout, rank_dropout=rank_dropout,
+                                  module_dropout=module_dropout, device=t.layer.weight.device)
+            else:
+                lora = LoRAModule(t.name, t.layer.in_features, t.layer.out_features, rank, alphas.get(t.name),
+                                  dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                  device=t.layer.weight.device)
+            lora.part = t.part
+            self.add_module(t.name, lora)
+            self._targets[t.name] = t
+        by_id = {id(t.layer): t.layer for t in targets_list if t.mha_part is not None}
+        for layer_id, parts in mha_parts.items():
+            self._adapters.append(FusedAttentionAdapter(by_id[layer_id], parts))
+
+    # ----------------------------------------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, unet: nn.Module | None, text_encoders: Sequence[TextEncoderRoot], arch: str,
+               network_dim: int = 32, network_alpha: float | None = 16.0, conv_dim: int | None = None,
+               conv_alpha: float | None = None, dropout: float | None = None, rank_dropout: float | None = None,
+               module_dropout: float | None = None, train_unet: bool = True,
+               train_text_encoder: bool = True) -> LoRANetwork:
+        """A new network for training, with sd-scripts' default targets.
+
+        Linear and 1x1 conv targets get ``network_dim``/``network_alpha``; with ``conv_dim`` the ResBlock/
+        Downsample/Upsample layers are added, k x k convs at ``conv_dim``/``conv_alpha`` (conv_alpha defaults to
+        1.0 as in sd-scripts) and their Linear/1x1 children at network_dim. Parts not trained get no modules.
+
+        Raises:
+            ConfigError: network_dim < 1, conv_dim < 0, nothing to train.
+        """
+        if network_dim < 1:
+            raise ConfigError(f"network_dim must be >= 1, got {network_dim}")
+        if conv_dim is not None and conv_dim < 0:
+            raise ConfigError(f"conv_dim must be >= 0, got {conv_dim}")
+        if not (train_unet or train_text_encoder):
+            raise ConfigError("nothing to train: train_unet and train_text_encoder are both off")
+        if conv_dim and conv_alpha is None:
+            conv_alpha = 1.0
+        found = find_targets(unet if train_unet else None, text_encoders if train_text_encoder else (), arch,
+                             include_conv=bool(conv_dim))
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float | None] = {}
+        for t in found:
+            if t.is_kxk_conv:
+                ranks[t.name], alphas[t.name] = conv_dim or 0, conv_alpha
+            else:
+                ranks[t.name], alphas[t.name] = network_dim, network_alpha
+        return cls(found, ranks, alphas, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+
+    @classmethod
+    def from_weights(cls, state_dict: dict[str, torch.Tensor], unet: nn.Module | None,
+                     text_encoders: Sequence[TextEncoderRoot], arch: str) -> tuple[LoRANetwork, LoadReport]:
+        """A network shaped by a Kohya file (rank per module from ``lora_down.shape[0]``) with its weights loaded.
+
+        Names are matched against the canonical Kohya names and their aliases of every target, conv blocks
+        included (as sd-scripts ``create_network_from_weights``). Nothing raises for unmatched or unknown keys: they
+        are listed in the report.
+
+        Raises:
+            FormatError: a tensor holds NaN/Inf (the message names the key).
+        """
+        _check_finite(state_dict)
+        modules, unknown = group_keys(state_dict)
+        found = find_targets(unet, text_encoders, arch, include_conv=True)
+        lookup = _name_lookup(found)
+        ranks, alphas = {}, {}
+        for name, parts in modules.items():
+            t = lookup.get(name)
+            if t is not None:
+                ranks[t.name] = int(parts["lora_down.weight"].shape[0])
+                alpha = parts.get("alpha")
+                alphas[t.name] = float(alpha.float().item()) if alpha is not None else None
+        net = cls(found, ranks, alphas)
+        report = net.load_weights(state_dict)
+        report.unknown_keys = sorted(set(report.unknown_keys) | set(unknown))
+        return net, report
+
+    # ------------------------------------------------------------------------------------------------ access
+    def lora_modules(self, part: str | None = None) -> Iterator[LoRAModule]:
+        """The LoRA modules, optionally only those of ``part`` ("unet" or "te")."""
+        for m in self.children():
+            if isinstance(m, LoRAModule) and (part is None or m.part == part):
+                yield m
+
+    def names(self, part: str | None = None) -> list[str]:
+        """Kohya names of the modules, in creation order."""
+        return [m.lora_name for m in self.lora_modules(part)]
+
+    def set_multiplier(self, multiplier: float | None = None, te: float | None = None,
+                       unet: float | None = None) -> None:
+        """Sets the strength: ``multiplier`` for all modules, or ``te``/``unet`` per part (A1111's te/unet args)."""
+        for m in self.lora_modules():
+            value = unet if m.part == "unet" and unet is not None else te if m.part == "te" and te is not None \
+                else multiplier
+            if value is not None:
+                m.multiplier = float(value)
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
+                                 default_lr: float) -> tuple[list[dict], list[str]]:
+        """Param groups per part, as sd-scripts ``prepare_optimizer_params``.
+
+        A part whose lr is None uses ``default_lr``; a part whose lr is 0 is left out of the optimizer (its modules
+        are still saved). Returns (groups, descriptions) with descriptions "unet"/"textencoder" for logging
+        (``lr/unet``, ``lr/textencoder``).
+        """
+        groups, descs = [], []
+        for part, lr, desc in (("te", text_encoder_lr, "textencoder"), ("unet", unet_lr, "unet")):
+            params = [p for m in self.lora_modules(part) for p in m.parameters()]
+            lr = default_lr if lr is None else lr
+            if params and lr:
+                groups.append({"params": params, "lr": lr})
+                descs.append(desc)
+        return groups, descs
+
+    # ----------------------------------------------------------------------------------------- attach/detach
+    @property
+    def attached(self) -> bool:
+        """True while the targets' forwards are wrapped."""
+        return bool(self._attached)
+
+    def attach(self) -> None:
+        """Wraps every target's forward (sd-scripts ``apply_to``). Idempotent.
+
+        Raises:
+            RuntimeError: the network is merged (its deltas are already in the weights).
+        """
+        if self._attached:
+            return
+        if self._backups:
+            raise RuntimeError("the network is merged into the base weights; unmerge() before attach()")
+        for name, t in self._targets.items():
+            if t.mha_part is not None:
+                continue
+            lora = getattr(self, name)
+            self._wrap(t.layer, lora)
+        for adapter in self._adapters:
+            self._wrap(adapter.mha, adapter)
+
+    def _wrap(self, layer: nn.Module, owner) -> None:
+        had = "forward" in layer.__dict__
+        previous = layer.__dict__.get("forward")
+        owner.org_forward = layer.forward
+        layer.forward = owner.forward
+        self._attached.append((layer, had, previous))
+
+    def detach(self) -> None:
+        """Restores every wrapped forward exactly as it was before :meth:`attach`. Idempotent."""
+        for layer, had, previous in reversed(self._attached):
+            if had:
+                layer.forward = previous
+            else:
+                layer.__dict__.pop("forward", None)
+        self._attached.clear()
+        for m in self.lora_modules():
+            m.org_forward = None
+        for a in self._adapters:
+            a.org_forward = None
+
+    @contextmanager
+    def applied(self):
+        """Context manager: attach on enter, detach on exit (also on error)."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    # ------------------------------------------------------------------------------------------- merge/unmerge
+    @property
+    def merged(self) -> bool:
+        """True while the deltas are added into the base weights."""
+        return bool(self._backups)
+
+    def merge(self) -> None:
+        """Adds every module's delta (at its current multiplier) into its base weight, keeping a copy of each
+        original weight so that :meth:`unmerge` restores it bit-exactly. Detaches first if attached."""
+        if self._backups:
+            return
+        self.detach()
+        with torch.no_grad():
+            for name, t in self._targets.items():
+                lora = getattr(self, name)
+                if t.mha_part is None:
+                    weight, rows = t.layer.weight, slice(None)
+                elif t.mha_part == "out_proj":
+                    weight, rows = t.layer.out_proj.weight, slice(None)
+                else:
+                    e = t.layer.embed_dim
+                    i = ("q_proj", "k_proj", "v_proj").index(t.mha_part)
+                    weight, rows = t.layer.in_proj_weight, slice(i * e, (i + 1) * e)
+                self._backups.append((weight, weight.detach().clone()))
+                target = weight[rows]
+                delta = lora.delta(target.shape).to(device=weight.device)
+                weight[rows] = (target.float() + delta).to(weight.dtype)
+
+    def unmerge(self) -> None:
+        """Restores the base weights saved by :meth:`merge` (bit-exact)."""
+        with torch.no_grad():
+            for weight, backup in reversed(self._backups):
+                weight.copy_(backup)
+        self._backups.clear()
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> LoadReport:
+        """Loads Kohya tensors into the existing modules, by canonical name or alias.
+
+        Tensors are reshaped to this network's layout where the maths allows it (see :func:`_fit_down`); a
+        missing alpha means alpha = rank. Returns a report; never raises for unmatched keys.
+
+        Raises:
+            FormatError: a tensor holds NaN/Inf (the message names the key).
+        """
+        _check_finite(state_dict)
+        modules, unknown = group_keys(state_dict)
+        lookup = _name_lookup(list(self._targets.values()))
+        report = LoadReport(unknown_keys=unknown)
+        with torch.no_grad():
+            for file_name, parts in sorted(modules.items()):
+                t = lookup.get(file_name)
+                if t is None or not hasattr(self, t.name):
+                    report.unmatched.append(file_name)
+                    continue
+                lora: LoRAModule = getattr(self, t.name)
+                down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+                try:
+                    if down.shape[0] != lora.lora_dim:
+                        raise ValueError(f"rank {down.shape[0]} in the file, {lora.lora_dim} in the network")
+                    new_down = _fit_down(down, parts.get("lora_mid.weight"), t, lora.lora_down.weight)
+                    if up.numel() != lora.lora_up.weight.numel():
+                        raise ValueError(f"lora_up {tuple(up.shape)} does not fit {tuple(lora.lora_up.weight.shape)}")
+                except ValueError as exc:
+                    report.shape_errors.append(f"{file_name}: {exc}")
+                    continue
+                lora.lora_down.weight.copy_(new_down.reshape(lora.lora_down.weight.shape))
+                lora.lora_up.weight.copy_(up.reshape(lora.lora_up.weight.shape))
+                alpha = parts.get("alpha")
+                if alpha is None:
+                    report.missing_alpha.append(t.name)
+                lora.set_alpha(None if alpha is None else float(alpha.float().item()))
+                report.loaded.append(t.name)
+        return report
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The Kohya tensors (down, up, alpha per module) detached on CPU, optionally cast to ``dtype``."""
+        out = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().to("cpu")
+            out[k] = v.to(dtype) if dtype is not None else v.clone()
+        return out
+
+
+def _name_lookup(found: Sequence[Target]) -> dict[str, Target]:
+    lookup: dict[str, Target] = {}
+    for t in found:
+        for alias in t.aliases:
+            lookup.setdefault(alias, t)
+    for t in found:
+        lookup[t.name] = t
+    return lookup
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kind = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+            raise FormatError(f"{key} holds {kind}: the file is damaged or the run diverged; it was not loaded")
