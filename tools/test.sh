@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up the test environment (tools/setup_venv.sh) and runs the linter and the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="$(bash tools/setup_venv.sh test | tail -n 1)"
+"$py" -m ruff check .
+"$py" -m pytest -q -p no:cacheprovider "$@"
