@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import keymap, targets
-from .errors import ConfigError, FormatError
+from .errors import ConfigError
 from .lora_module import FusedAttentionAdapter, LoRAModule
 from .model_api import TextEncoderRoot
+from .safetensors_io import check_finite, group_lora_keys
 
 _RESBLOCK_PATH = re.compile(r"(?:^|\.)resblocks\.(\d+)$")
 
@@ -190,26 +191,19 @@ class LoadReport:
         return "; ".join(lines)
 
 
-_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
-
-
 def group_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Splits Kohya keys at the first "." into module name and part.
+    """Groups Kohya keys by module (:func:`safetensors_io.group_lora_keys`) and keeps complete modules only.
 
     Returns:
-        ({module name: {part: tensor}}, unknown keys). Parts: lora_down.weight, lora_up.weight, lora_mid.weight,
-        alpha. A module without both down and up counts as unknown keys.
+        ({module name: {part: tensor}}, unknown keys). A module without both ``lora_down.weight`` and
+        ``lora_up.weight``, and a ``dora_scale`` (DoRA is not supported), count as unknown keys.
     """
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    unknown: list[str] = []
-    for key, value in state_dict.items():
-        name, _, part = key.partition(".")
-        if part in _PARTS:
-            modules.setdefault(name, {})[part] = value
-        else:
-            unknown.append(key)
+    modules, unknown = group_lora_keys(state_dict)
     for name in list(modules):
         parts = modules[name]
+        if "dora_scale" in parts:
+            unknown.append(f"{name}.dora_scale")
+            del parts["dora_scale"]
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             unknown.extend(f"{name}.{p}" for p in parts)
             del modules[name]
@@ -334,7 +328,7 @@ class LoRANetwork(nn.Module):
         Raises:
             FormatError: a tensor holds NaN/Inf (the message names the key).
         """
-        _check_finite(state_dict)
+        check_finite(state_dict)
         modules, unknown = group_keys(state_dict)
         found = find_targets(unet, text_encoders, arch, include_conv=True)
         lookup = _name_lookup(found)
@@ -485,7 +479,7 @@ class LoRANetwork(nn.Module):
         Raises:
             FormatError: a tensor holds NaN/Inf (the message names the key).
         """
-        _check_finite(state_dict)
+        check_finite(state_dict)
         modules, unknown = group_keys(state_dict)
         lookup = _name_lookup(list(self._targets.values()))
         report = LoadReport(unknown_keys=unknown)
@@ -532,10 +526,3 @@ def _name_lookup(found: Sequence[Target]) -> dict[str, Target]:
     for t in found:
         lookup[t.name] = t
     return lookup
-
-
-def _check_finite(state_dict: dict[str, torch.Tensor]) -> None:
-    for key, value in state_dict.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            kind = "NaN" if bool(torch.isnan(value).any()) else "Inf"
-            raise FormatError(f"{key} holds {kind}: the file is damaged or the run diverged; it was not loaded")
