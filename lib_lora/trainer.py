@@ -424,8 +424,12 @@ class Trainer:
         ac = model.alphas_cumprod.to(device)
         latents = batch.latents.to(device, torch.float32) * model.latent_scale_factor
         b = latents.shape[0]
+        sizes = None
+        if model.arch == "sdxl":  # size/crop conditioning per sample (sd-scripts get_size_embeddings order)
+            sizes = [(oh, ow, ct, cl, th, tw) for (oh, ow), (ct, cl), (th, tw)
+                     in zip(batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw)]
         with torch.set_grad_enabled(train_te):
-            cond = model.encode_prompts(batch.captions, clip_skip=cfg.clip_skip)
+            cond = model.encode_prompts(batch.captions, clip_skip=cfg.clip_skip, sizes=sizes)
         noise = schedules.make_noise(latents.shape, generator, cfg.noise_offset, device=device)
         timesteps = schedules.sample_timesteps(b, generator, device=device)
         noisy = schedules.add_noise(latents, noise, timesteps, ac)
