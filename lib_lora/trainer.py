@@ -246,11 +246,12 @@ class Trainer:
         if not groups:
             raise ConfigError("no parameters to train: every learning rate is 0")
         optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, **cfg.optimizer_args)
-        plateau = PlateauController(cfg.plateau_patience_steps, factor=cfg.plateau_factor,
+        # With the LR drop off the controller still smooths the loss (and may early-stop) but never drops.
+        patience = cfg.plateau_patience_steps if cfg.lr_drop_on_plateau else 2**62
+        plateau = PlateauController(patience, factor=cfg.plateau_factor,
                                     min_delta=cfg.plateau_min_delta, min_lr=cfg.learning_rate * 1e-3,
                                     early_stop_patience=cfg.early_stopping_patience_steps,
                                     base_lr=cfg.learning_rate)
-        use_plateau = cfg.lr_drop_on_plateau or cfg.early_stopping_patience_steps is not None
         scheduler = schedules.build_lr_scheduler(
             optimizer, cfg.lr_scheduler, total_steps, cfg.lr_warmup_steps or None,
             num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power,
@@ -334,7 +335,7 @@ class Trainer:
                         step_in_epoch = batch_index + 1
 
                         recorder.add(epoch=epoch, step=(global_step - 1) % steps_per_epoch, loss=loss)
-                        events = plateau.update(global_step, loss) if use_plateau else []
+                        events = plateau.update(global_step, loss)
                         lrs = scheduler.get_last_lr()
                         log.scalars(global_step, {"loss/current": loss, "loss/average": recorder.moving_average,
                                                   "loss/smoothed": plateau.smoothed_loss or loss,
@@ -409,7 +410,7 @@ class Trainer:
         return TrainResult(status=status, global_step=global_step, epoch=epoch, files=self.files,
                            last_file=self.files[-1] if self.files else None,
                            state_dir=str(state_dir) if state_dir else None, message=message,
-                           final_loss=plateau.smoothed_loss if use_plateau else loss, log_dir=str(log_dir))
+                           final_loss=plateau.smoothed_loss, log_dir=str(log_dir))
 
     # ----------------------------------------------------------------------------------------------------- step
     def _train_step(self, batch, generator: torch.Generator, scaler: torch.amp.GradScaler, train_te: bool) -> float:
