@@ -342,7 +342,21 @@ class LoRANetwork(nn.Module):
         net = cls(found, ranks, alphas)
         report = net.load_weights(state_dict)
         report.unknown_keys = sorted(set(report.unknown_keys) | set(unknown))
+        loaded = set(report.loaded)
+        for name in [n for n in net.names() if n not in loaded]:
+            net._drop(name)  # a module whose tensors did not fit must not be saved back as if it came from the file
         return net, report
+
+    def _drop(self, name: str) -> None:
+        """Removes one module (before attach) and its fused-attention slot, if any."""
+        t = self._targets.pop(name)
+        lora = getattr(self, name)
+        delattr(self, name)
+        if t.mha_part is not None:
+            for adapter in self._adapters:
+                if adapter.parts.get(t.mha_part) is lora:
+                    del adapter.parts[t.mha_part]
+            self._adapters = [a for a in self._adapters if a.parts]
 
     # ------------------------------------------------------------------------------------------------ access
     def lora_modules(self, part: str | None = None) -> Iterator[LoRAModule]:

@@ -691,6 +691,8 @@ def test_shape_mismatches_are_reported_not_raised(trained, tmp_path):
     assert len(report.shape_errors) == 1 and report.shape_errors[0].startswith(bad)
     assert bad not in report.loaded and len(report.loaded) == len(src.net.names()) - 1
     assert not report.ok
+    # The module that did not load is not in the network, so saving it back never invents a module.
+    assert bad not in net.names() and f"{bad}.lora_down.weight" not in net.kohya_state_dict()
     # Loading a rank-8 file into an existing rank-4 network.
     rank8 = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(8, 32),
              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(64, 8)}
