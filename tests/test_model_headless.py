@@ -314,3 +314,24 @@ def test_bad_yaml_is_reported(tmp_path, tiny1):
     path.with_suffix(".yaml").write_text("just text")
     with pytest.raises(ModelLoadError, match="cannot read model config"):
         load_model(path)
+
+
+def test_sdpa_attention_matches_ldm_einsum_attention():
+    """The headless model runs ldm's CrossAttention through torch SDPA (the WebUI's "sdp" optimisation): same
+    outputs as ldm's own einsum attention within fp32 rounding, and LoRA wrappers on to_q/to_k/to_v still act."""
+    import torch
+
+    from lib_lora.model.headless import load_model
+
+    m = load_model("tiny-sd1")
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    c = m.encode_prompts(["a photo of a dog", "a cat"])
+    attn = [mod for mod in m.unet.modules() if mod.__class__.__name__ == "CrossAttention"]
+    assert attn and all("forward" in mod.__dict__ for mod in attn)
+    with torch.no_grad():
+        fast = m.unet_forward(x, t, c)
+        for mod in attn:
+            del mod.forward  # back to ldm's einsum attention
+        slow = m.unet_forward(x, t, c)
+    assert (fast - slow).abs().max().item() < 1e-4 * slow.abs().max().item()
