@@ -40,9 +40,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if any(r.non_finite for r in reports) else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (status 2) instead of the full usage; subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lib_lora``."""
-    parser = argparse.ArgumentParser(prog="python -m lib_lora",
+    parser = _Parser(prog="python -m lib_lora",
                                      description="Kohya-compatible LoRA tools for Stable Diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_train
 
     cli_train.add_subcommands(sub)
+    from . import cli_data
+    cli_data.add_subcommands(sub)
+    from . import cli_grid
+    cli_grid.add_subcommands(sub)
     return parser
 
 

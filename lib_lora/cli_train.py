@@ -20,10 +20,19 @@ def _flag_type(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
     if base is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
+        return _parse_bool
     if base in (int, float, str):
         return base
     return str
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (1/0, yes/no, on/off), got {text!r}")
 
 
 def add_subcommands(sub) -> None:

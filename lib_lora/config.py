@@ -190,6 +190,8 @@ class TrainConfig:
         """
         data = migrate(dict(data))
         known = {f.name for f in fields(cls)}
+        for name in data.pop("unset", None) or []:
+            data.setdefault(name, None)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
@@ -219,12 +221,16 @@ class TrainConfig:
     def to_toml(self) -> str:
         """TOML text of the config; None fields are written as comments (TOML has no null)."""
         lines = [f"# lib_lora training config (version {self.version})"]
+        unset = []
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
                 lines.append(f"# {f.name} = (unset)")
+                unset.append(f.name)
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
+        if unset:  # TOML has no null: name the unset fields so that from_toml does not fall back to defaults
+            lines.append(f"unset = {_toml_value(unset)}")
         return "\n".join(lines) + "\n"
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -166,9 +166,10 @@ class Trainer:
                                   trigger_words=tuple(cfg.trigger_words))
         # The cache holds unscaled posterior samples, as sd-scripts' npz files do; the step scales them.
         scale = model.latent_scale_factor
+        vae_generator = torch.Generator("cpu").manual_seed(cfg.seed)  # same latents in every run and resume
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return model.encode_images(pixels) / scale
+            return model.encode_images(pixels, generator=vae_generator) / scale
 
         return TrainDataset(self.report.images, encode, buckets=buckets, captions=captions,
                             batch_size=cfg.train_batch_size, seed=cfg.seed, flip_aug=cfg.flip_aug,
@@ -178,11 +179,13 @@ class Trainer:
         cfg, model = self.config, self.model
         train_te = not cfg.network_train_unet_only and cfg.text_encoder_lr != 0
         train_unet = cfg.unet_lr != 0
-        net = LoRANetwork.create(model.unet, model.text_encoders, model.arch, network_dim=cfg.network_dim,
-                                 network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
-                                 dropout=cfg.network_dropout, rank_dropout=cfg.rank_dropout,
-                                 module_dropout=cfg.module_dropout, train_unet=train_unet,
-                                 train_text_encoder=train_te)
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the host's global RNG alone
+            torch.manual_seed(cfg.seed)
+            net = LoRANetwork.create(model.unet, model.text_encoders, model.arch, network_dim=cfg.network_dim,
+                                     network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
+                                     conv_alpha=cfg.conv_alpha, dropout=cfg.network_dropout,
+                                     rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                                     train_unet=train_unet, train_text_encoder=train_te)
         net.to(model.device)
         if cfg.network_weights:
             report = net.load_weights(load_lora_file(cfg.network_weights)[0])
@@ -327,7 +330,18 @@ class Trainer:
                         micro += 1
                         if micro < accum and batch_index + 1 < len(dataset):
                             continue
-                        self._optimizer_step(optimizer, scaler)
+                        grad_norm = self._optimizer_step(optimizer, scaler)
+                        if not math.isfinite(grad_norm):  # finite loss, non-finite gradients: not applied
+                            step_loss, micro, accum_loss = accum_loss * accum / micro, 0, 0.0
+                            consecutive_skips += 1
+                            text = (f"step {global_step + 1}: gradients are non-finite (norm {grad_norm}, "
+                                    f"loss {step_loss:.4g})")
+                            if cfg.on_nonfinite_loss == "stop" or consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+                                raise TrainingError(f"{text}; training stopped, the last saved checkpoint is "
+                                                    f"intact; {NONFINITE_ADVICE}")
+                            log.event(global_step, "skipped_step", text)
+                            self.callbacks.message(f"{text}; step skipped")
+                            continue
                         scheduler.step()
                         loss, micro, accum_loss = accum_loss * accum / micro, 0, 0.0
                         global_step += 1
@@ -446,14 +460,19 @@ class Trainer:
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         return value
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if self.config.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
+        """Clips and applies the gradients; returns their total norm. A non-finite norm without fp16 loss scaling
+        (where GradScaler itself skips such steps and lowers the scale) is not applied: returns it, grads cleared."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf")))
+        if not math.isfinite(norm) and not scaler.is_enabled():
+            optimizer.zero_grad(set_to_none=True)
+            return norm
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return norm if math.isfinite(norm) else 0.0
 
     # ------------------------------------------------------------------------------------------------ reporting
     def _progress(self, step, total, epoch, num_epochs, loss, recorder, plateau, lr, started, steps_session):

@@ -55,8 +55,6 @@ def test_toml_round_trip(tmp_path, cfg):
     assert type(back.network_alpha) is type(cfg.network_alpha)
 
 
-@pytest.mark.xfail(strict=True, reason="lib_lora bug: to_toml writes None as a comment, so from_toml falls back to "
-                   "the field's default: save_every_n_steps=None comes back as 200, max_train_steps=None as 1600")
 def test_toml_round_trip_keeps_unset_fields_whose_default_is_set(tmp_path):
     """Proves that a config with no step saves and epoch-based length (``save_every_n_steps=None``,
     ``max_train_steps=None``: the demo's settings) survives the TOML round trip, as the ``.config.toml`` written

@@ -181,9 +181,6 @@ def test_diverging_run_stops_and_keeps_the_last_good_file(diverged_run):
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
-@pytest.mark.xfail(strict=True, reason="lib_lora bug: the trainer checks only the loss; at lr=1e3 step 2 has a "
-                   "finite loss but NaN gradients, which the optimizer step writes into the weights, and the run ends "
-                   "in _save's 'not saving ...: <key> holds NaN' error instead of a non-finite loss/gradient stop")
 def test_diverging_run_message_says_the_loss_is_nonfinite(diverged_run):
     """Proves that the divergence is caught as a non-finite step (loss or gradients), not later as NaN weights
     refused at save time: the message says the loss/gradient is non-finite and names the step."""
@@ -401,9 +398,6 @@ def test_gradient_checkpointing_run_trains_like_a_plain_run(model, tmp_path):
     assert worst <= 1e-4, worst
 
 
-@pytest.mark.xfail(strict=True, reason="lib_lora bug: TrainConfig.seed does not seed the LoRA init (kaiming on the "
-                   "global RNG) nor the VAE posterior sample used for the latent cache (global RNG), so two runs of "
-                   "one config differ unless the caller seeds torch")
 def test_same_config_and_seed_give_the_same_file(model, tmp_path):
     """Proves reproducibility: the same config (seed 0) run twice, with unrelated global RNG use in between,
     gives the same first-step loss and the same LoRA file."""
