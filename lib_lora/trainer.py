@@ -35,9 +35,9 @@ from .model_api import DiffusionModel
 from .network import LoRANetwork
 from .optimizers import build_optimizer, optimizer_display_name
 from .plateau import LossRecorder, PlateauController
-from .safetensors_io import load_lora_file, save_dtype_from_name, save_lora_file
+from .safetensors_io import atomic_write_bytes, load_lora_file, save_dtype_from_name, save_lora_file
 from .sidecar import write_sidecar
-from .state import load_state, save_state
+from .state import load_state, save_state, set_rng_state
 from .train_log import TrainLog
 
 logger = logging.getLogger(__name__)
@@ -267,29 +267,13 @@ class Trainer:
         metadata = self._base_metadata(steps_per_epoch, total_steps, num_epochs, optimizer_display_name(optimizer),
                                        len(dataset), dataset.bucket_info())
         if resume is not None:
-            ts = resume["train_state"]
-            report = net.load_weights(resume["network"])
-            if not report.ok or len(report.loaded) != len(net.names()):
-                raise TrainingError(f"resume state {cfg.resume} does not fit this network: {report.summary()}")
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["extra"]["scaler"])
-            plateau.load_state_dict(resume["extra"]["plateau"])
-            recorder.load_state_dict(resume["extra"]["recorder"])
-            generator.set_state(resume["extra"]["generator"])
-            from .state import set_rng_state
-
-            set_rng_state(resume["rng"])
-            global_step, epochs_done, skip_batches = ts["global_step"], ts["epoch"], ts["step_in_epoch"]
-            for key in ("ss_session_id", "ss_training_started_at"):  # cumulative across resumes
-                if key in ts.get("metadata", {}):
-                    metadata[key] = ts["metadata"][key]
-            self.callbacks.message(f"resumed from {cfg.resume}: step {global_step}, epoch {epochs_done}")
+            global_step, epochs_done, skip_batches = self._restore(
+                resume, net, optimizer, scheduler, scaler, plateau, recorder, generator, metadata)
         self._metadata = metadata
 
         log_dir = Path(cfg.logging_dir or out_dir / "logs") / f"{cfg.output_name}_{time.strftime('%Y%m%d%H%M%S')}"
         log = TrainLog(log_dir)
-        (out_dir / f"{cfg.output_name}.config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        atomic_write_bytes(out_dir / f"{cfg.output_name}.config.toml", cfg.to_toml().encode("utf-8"))
 
         self.callbacks.message(f"caching latents of {len(dataset.items)} images")
         dataset.cache_latents()
@@ -425,6 +409,32 @@ class Trainer:
                            last_file=self.files[-1] if self.files else None,
                            state_dir=str(state_dir) if state_dir else None, message=message,
                            final_loss=plateau.smoothed_loss, log_dir=str(log_dir))
+
+    def _restore(self, resume: dict, net, optimizer, scheduler, scaler, plateau, recorder, generator,
+                 metadata: dict) -> tuple[int, int, int]:
+        """Loads a resume state into the run's objects; returns (global_step, epochs done, batches done in the
+        current epoch). The session id and start time carry over, so metadata stays cumulative across resumes.
+
+        Raises:
+            TrainingError: the state's network does not fit this configuration.
+        """
+        ts = resume["train_state"]
+        report = net.load_weights(resume["network"])
+        if not report.ok or len(report.loaded) != len(net.names()):
+            raise TrainingError(f"resume state {self.config.resume} does not fit this network (same network_dim, "
+                                f"conv_dim and trained parts are needed): {report.summary()}")
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["extra"]["scaler"])
+        plateau.load_state_dict(resume["extra"]["plateau"])
+        recorder.load_state_dict(resume["extra"]["recorder"])
+        generator.set_state(resume["extra"]["generator"])
+        set_rng_state(resume["rng"])
+        for key in ("ss_session_id", "ss_training_started_at"):
+            if key in ts.get("metadata", {}):
+                metadata[key] = ts["metadata"][key]
+        self.callbacks.message(f"resumed from {self.config.resume}: step {ts['global_step']}, epoch {ts['epoch']}")
+        return ts["global_step"], ts["epoch"], ts["step_in_epoch"]
 
     # ----------------------------------------------------------------------------------------------------- step
     def _train_step(self, batch, generator: torch.Generator, scaler: torch.amp.GradScaler, train_te: bool) -> float:
