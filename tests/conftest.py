@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _paths import SHARED_DATA
 
 #: The shared WebUI test checkpoint and its reference LoRA files (see its README.md).
-WEBUI_TINY_SD1 = Path("/work/shared/data/webui-tiny-sd1")
+WEBUI_TINY_SD1 = SHARED_DATA / "webui-tiny-sd1"
 
 
 @pytest.fixture(scope="module")

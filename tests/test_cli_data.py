@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _paths import SHARED_DATA
 from PIL import Image
 
 from lib_lora import cli_data, doctor
 from lib_lora.cli import main
 
-DOG_DIR = Path("/work/shared/data/dreambooth/dog")
+DOG_DIR = SHARED_DATA / "dreambooth/dog"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 needs_dogs = pytest.mark.skipif(not DOG_DIR.is_dir(), reason=f"{DOG_DIR} not found")

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from _paths import SHARED_DATA
 
 from lib_lora.cli import build_parser
 from lib_lora.cli_train import config_from_args
 from lib_lora.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DOG = Path("/work/shared/data/dreambooth/dog")
+SHARED_DOG = SHARED_DATA / "dreambooth/dog"
 BUNDLED_DOG = REPO / "lib_lora" / "demo_data" / "dog"
 
 

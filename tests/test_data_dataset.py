@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _paths import SHARED_DATA
 from PIL import Image
 
 from lib_lora.data.buckets import BucketSpec
@@ -32,7 +33,7 @@ from lib_lora.data.dataset import (
 )
 from lib_lora.errors import ConfigError, DatasetError
 
-DOG_DIR = Path("/work/shared/data/dreambooth/dog")
+DOG_DIR = SHARED_DATA / "dreambooth/dog"
 SMALL = BucketSpec(resolution=(128, 128), min_reso=64, max_reso=256, reso_steps=64)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import SHARED_DATA
 from PIL import Image, ImageEnhance, ImageFilter
 
 from lib_lora.doctor import (
@@ -28,7 +29,7 @@ from lib_lora.doctor import (
 )
 from lib_lora.errors import ConfigError, DatasetError
 
-DOG_DIR = Path("/work/shared/data/dreambooth/dog")
+DOG_DIR = SHARED_DATA / "dreambooth/dog"
 
 pytestmark = pytest.mark.skipif(not DOG_DIR.is_dir(), reason=f"{DOG_DIR} not found")
 

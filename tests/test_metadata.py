@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ref_dir() -> Path | None:
-    for base in (REPO_ROOT / "shared", Path("/work/shared")):
+    for base in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared", Path("/work/shared")):
         d = base / "data" / "webui-tiny-sd1" / "lora"
         if (d / "test_lora.safetensors").is_file():
             return d

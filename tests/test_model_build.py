@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from _paths import SHARED_DATA
 from torch import nn
 
 from lib_lora.errors import ConfigError
 from lib_lora.model import build, configs
 from lib_lora.model import tokenizer as tok
 
-WEBUI_TINY_SD1 = Path("/work/shared/data/webui-tiny-sd1")  # the shared WebUI test checkpoint (see conftest.py)
+WEBUI_TINY_SD1 = SHARED_DATA / "webui-tiny-sd1"  # the shared WebUI test checkpoint (see conftest.py)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

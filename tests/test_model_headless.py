@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _paths import SHARED_DATA
 
 from lib_lora.errors import ConfigError
 from lib_lora.model import ModelLoadError, load_model, save_checkpoint
@@ -22,7 +23,7 @@ from lib_lora.model.headless import (
 )
 from lib_lora.model_api import Conditioning, DiffusionModel
 
-WEBUI_TINY_SD1 = Path("/work/shared/data/webui-tiny-sd1")  # the shared WebUI test checkpoint (see conftest.py)
+WEBUI_TINY_SD1 = SHARED_DATA / "webui-tiny-sd1"  # the shared WebUI test checkpoint (see conftest.py)
 SHARED_CKPT = WEBUI_TINY_SD1 / "tiny-sd1.safetensors"
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

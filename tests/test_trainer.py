@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _paths import SHARED_DATA
 
 from lib_lora import checkpointing
 from lib_lora.config import TrainConfig
@@ -38,7 +39,7 @@ from lib_lora.trainer import NONFINITE_ADVICE, Trainer, checkpoint_name, plan_st
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-SHARED_DOG = Path("/work/shared/data/dreambooth/dog")
+SHARED_DOG = SHARED_DATA / "dreambooth/dog"
 BUNDLED_DOG = Path(__file__).resolve().parents[1] / "lib_lora" / "demo_data" / "dog"
 TRIGGER = "sks dog"
 

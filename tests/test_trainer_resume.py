@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _paths import SHARED_DATA
 
 from lib_lora.config import TrainConfig
 from lib_lora.control import TrainCallbacks, TrainCommands
@@ -25,7 +26,7 @@ from lib_lora.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-SHARED_DOG = Path("/work/shared/data/dreambooth/dog")
+SHARED_DOG = SHARED_DATA / "dreambooth/dog"
 BUNDLED_DOG = Path(__file__).resolve().parents[1] / "lib_lora" / "demo_data" / "dog"
 TRIGGER = "sks dog"
 
