@@ -96,11 +96,12 @@ def denoising_loss(model, network, latents: torch.Tensor, prompt: str, multiplie
 
 def run_demo(output_dir: str, images: str | None = None, steps: int | None = None) -> dict:
     """Runs the demo end to end and prints where everything is. Returns the eval numbers and file paths."""
+    from .cli import build_parser
+    from .cli_grid import render_run_grid
     from .console import run_training
     from .model.headless import load_model
-    from .model.sampler import txt2img
     from .network import LoRANetwork
-    from .plots import labelled_grid, loss_plot
+    from .plots import loss_plot
     from .safetensors_io import load_lora_file
     from .train_log import read_jsonl
 
@@ -119,20 +120,12 @@ def run_demo(output_dir: str, images: str | None = None, steps: int | None = Non
     plot.save(out / "loss.png")
 
     checkpoints = [Path(p) for p in result.files]
-    size = 128
-    cells = []
-    for weight in DEMO_WEIGHTS:
-        row = []
-        for ckpt in checkpoints:
-            net, _ = LoRANetwork.from_weights(load_lora_file(ckpt)[0], model.unet, model.text_encoders, model.arch)
-            net.set_multiplier(weight)
-            with net.applied():
-                row.append(txt2img(model, f"a photo of {DEMO_TRIGGER}", steps=12, cfg_scale=5.0, width=size,
-                                   height=size, seed=7)[0])
-        cells.append(row)
-    grid = labelled_grid(cells, [f"weight {w:g}" for w in DEMO_WEIGHTS], [c.stem for c in checkpoints],
-                         title=f'"a photo of {DEMO_TRIGGER}", seed 7')
-    grid.save(out / "grid.png")
+    # The checkpoint x weight grid, rendered by the same code as `python -m lib_lora grid`.
+    grid_args = build_parser().parse_args([
+        "grid", "--files", *map(str, checkpoints), "--weights", ",".join(f"{w:g}" for w in DEMO_WEIGHTS),
+        "--prompt", f"a photo of {DEMO_TRIGGER}", "--seed", "7", "--base", cfg.model, "--size", "128",
+        "--steps", "12", "--cfg-scale", "5", "--output", str(out / "grid.png")])
+    render_run_grid(grid_args)
 
     # How much did the LoRA learn the photos? Denoising loss at fixed noise, with and without it.
     from .data.buckets import BucketSpec

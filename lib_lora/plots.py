@@ -1,8 +1,4 @@
-"""Pictures for people: the loss curve and a labelled image grid, drawn with Pillow only.
-
-The grid here is a plain labelled layout (rows x columns of equal-size images); the checkpoint x weight planning
-(axis parsing, S/R, size guard) lives with the grid Script.
-"""
+"""The loss curve as a picture, drawn with Pillow only (the checkpoint x weight grid is in :mod:`lib_lora.grid`)."""
 
 from __future__ import annotations
 
@@ -78,52 +74,3 @@ def loss_plot(steps: Sequence[int], series: dict[str, Sequence[float]], width: i
         draw.line([right - 150, top + 12 + 16 * i, right - 130, top + 12 + 16 * i], fill=color, width=3)
         draw.text((right - 125, top + 5 + 16 * i), label, fill="black", font=font)
     return img
-
-
-def labelled_grid(images: Sequence[Sequence[Image.Image | None]], row_labels: Sequence[str],
-                  col_labels: Sequence[str], title: str | None = None) -> Image.Image:
-    """Rows x columns of equal-size images with labels on both axes.
-
-    Args:
-        images: ``images[r][c]``; None draws a grey "missing" cell.
-        row_labels, col_labels: one text per row / column.
-        title: optional line above the grid.
-
-    Returns:
-        The grid as one RGB image (cell size = the first image's size).
-
-    Raises:
-        ValueError: label counts do not match the images, or no image at all.
-    """
-    rows, cols = len(images), len(images[0]) if images else 0
-    if rows == 0 or cols == 0 or len(row_labels) != rows or len(col_labels) != cols:
-        raise ValueError(f"grid of {rows}x{cols} images with {len(row_labels)} row and {len(col_labels)} column "
-                         "labels")
-    first = next((im for row in images for im in row if im is not None), None)
-    if first is None:
-        raise ValueError("no image to put in the grid")
-    w, h = first.size
-    font = _font(14)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(_text_size(probe, t, font)[0] for t in row_labels) + 16
-    title_h = 28 if title else 0
-    label_h = 28
-    grid = Image.new("RGB", (label_w + cols * w, title_h + label_h + rows * h), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((8, 6), title, fill="black", font=_font(16))
-    for c, text in enumerate(col_labels):
-        tw, _ = _text_size(draw, text, font)
-        draw.text((label_w + c * w + (w - tw) // 2, title_h + 6), text, fill="black", font=font)
-    for r, text in enumerate(row_labels):
-        _, th = _text_size(draw, text, font)
-        draw.text((8, title_h + label_h + r * h + (h - th) // 2), text, fill="black", font=font)
-        for c in range(cols):
-            im = images[r][c]
-            box = (label_w + c * w, title_h + label_h + r * h)
-            if im is None:
-                draw.rectangle([box[0], box[1], box[0] + w - 1, box[1] + h - 1], fill="#bbbbbb")
-                draw.text((box[0] + 8, box[1] + 8), "missing", fill="black", font=font)
-            else:
-                grid.paste(im.convert("RGB").resize((w, h)), box)
-    return grid
