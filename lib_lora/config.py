@@ -126,6 +126,9 @@ class TrainConfig:
     sample_seed: int = 1234
     sample_negative_prompt: str = ""
 
+    # --- dataset doctor gate: training refuses to start when the doctor finds errors (see lib_lora.doctor)
+    ignore_dataset_errors: bool = False  # True: train anyway; the report is still written next to the outputs
+
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     version: int = CONFIG_VERSION
 

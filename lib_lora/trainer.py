@@ -11,6 +11,8 @@ last good checkpoint stays as it was; a stop request finishes the step, then sav
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -29,7 +31,7 @@ from .control import ProgressInfo, TrainCallbacks, TrainCommands
 from .data.buckets import BucketSpec
 from .data.captions import CaptionOptions
 from .data.dataset import DatasetReport, ScanOptions, TrainDataset, scan_dataset
-from .errors import ConfigError, FormatError, TrainingError
+from .errors import ConfigError, DatasetError, FormatError, TrainingError
 from .metadata import build_ss_metadata, finalize_for_save
 from .model_api import DiffusionModel
 from .network import LoRANetwork
@@ -154,6 +156,56 @@ class Trainer:
             self.callbacks.message(f"dataset: {w}")
         return self.report
 
+    def check_dataset(self, out_dir: Path) -> Any:
+        """Runs the dataset doctor (:func:`lib_lora.doctor.run_checks`) on ``train_data_dir`` and gates the run.
+
+        Checked at ``cfg.resolution`` pixels, with the first trigger word (or None) and ``cfg.caption_extension``,
+        as a ``"concept"`` LoRA (at least 15 images, below that a warning). With ``on_bad_image = "skip"`` (the
+        user's explicit choice to train without undecodable files) the doctor's ``decode`` errors become warnings;
+        with ``"stop"`` the scan has already raised on them. The report is always written,
+        atomically, as ``<output_dir>/<output_name>.dataset-report.json`` (the JSON of
+        :meth:`lib_lora.doctor.Report.to_dict` plus ``folder``, ``resolution`` and ``ignored``); each warning and
+        error is sent to ``callbacks.message``.
+
+        Returns:
+            The :class:`lib_lora.doctor.Report`.
+
+        Raises:
+            DatasetError: the doctor found errors and ``cfg.ignore_dataset_errors`` is False; the message lists them
+                and says how to override (``ignore_dataset_errors = true`` / ``--ignore-dataset-errors true``).
+        """
+        from .doctor import run_checks
+
+        cfg = self.config
+        scan_logger = logging.getLogger("lib_lora.data.dataset")
+        level = scan_logger.level
+        scan_logger.setLevel(logging.ERROR)  # the scan's warnings were sent already by scan()
+        try:
+            report = run_checks(Path(cfg.train_data_dir), resolution=cfg.resolution,
+                                trigger=cfg.trigger_words[0] if cfg.trigger_words else None,
+                                caption_extension=cfg.caption_extension)
+        finally:
+            scan_logger.setLevel(level)
+        if cfg.on_bad_image == "skip":  # the user chose to train without undecodable images: a warning, not an error
+            report.findings = [dataclasses.replace(f, severity="warning") if f.check == "decode" else f
+                               for f in report.findings]
+        errors = [f for f in report.findings if f.severity == "error"]
+        data = {"folder": str(report.folder), "resolution": report.resolution,
+                "ignored": bool(errors) and cfg.ignore_dataset_errors, **report.to_dict()}
+        atomic_write_bytes(out_dir / f"{cfg.output_name}.dataset-report.json",
+                           json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
+        for f in report.findings:
+            if f.severity != "info":
+                self.callbacks.message(f"dataset {f.severity} [{f.check}]: {f.message}; fix: {f.fix}")
+        if errors and not cfg.ignore_dataset_errors:
+            lines = [f"- [{f.check}] {f.message}" + (f" ({', '.join(f.files[:8])})" if f.files else "")
+                     for f in errors]
+            raise DatasetError(
+                f"the dataset check found {len(errors)} error(s) in {cfg.train_data_dir}:\n" + "\n".join(lines)
+                + f"\nfix them (report: {out_dir / (cfg.output_name + '.dataset-report.json')}), or train anyway "
+                "with ignore_dataset_errors = true (CLI: --ignore-dataset-errors true)")
+        return report
+
     def _build_dataset(self) -> TrainDataset:
         cfg, model = self.config, self.model
         res = (cfg.resolution, cfg.resolution)
@@ -237,6 +289,7 @@ class Trainer:
         resume = load_state(cfg.resume, model.device) if cfg.resume else None  # refused before any work
 
         self.scan()
+        self.check_dataset(out_dir)  # the dataset doctor; raises DatasetError on errors unless overridden
         dataset = self._build_dataset()
         steps_per_epoch, total_steps, num_epochs = plan_steps(len(dataset), cfg)
         self.callbacks.message(

@@ -31,7 +31,8 @@ def _every_field_changed() -> TrainConfig:
         save_every_n_epochs=2, save_last_n=3, save_precision="bf16", save_state=True, resume="out/x-state",
         logging_dir="logs", preferred_weight=0.8, sample_prompts=["a photo of sks dog", "sks dog, beach"],
         sample_every_n_steps=100, sample_every_n_epochs=1, sample_steps=12, sample_cfg_scale=5.5, sample_seed=7,
-        sample_negative_prompt="blurry\nlow quality", device="cuda:1", version=CONFIG_VERSION,
+        sample_negative_prompt="blurry\nlow quality", ignore_dataset_errors=True, device="cuda:1",
+        version=CONFIG_VERSION,
     )
 
 

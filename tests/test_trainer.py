@@ -330,7 +330,8 @@ def test_save_last_n_prunes_old_checkpoints_and_states(model, tmp_path):
     assert len(result.files) == 5  # written during the run, pruned afterwards
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "t-step00000003.safetensors", "t-step00000004.safetensors", "t.safetensors"]
-    assert sorted(p.name for p in out.glob("*.json")) == ["t-step00000003.json", "t-step00000004.json", "t.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "t-step00000003.json", "t-step00000004.json", "t.dataset-report.json", "t.json"]  # + the doctor's report
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs") == [
         "t-state", "t-step00000003-state", "t-step00000004-state"]
 
