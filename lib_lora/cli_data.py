@@ -3,6 +3,9 @@
 ``check DIR`` prints the findings of :func:`lib_lora.doctor.run_checks` and exits with 0 (nothing to report),
 1 (warnings) or 2 (errors; also for an unusable folder, as every lib_lora error on the command line).
 
+``prepare SRC DST`` writes resized/cropped copies (:func:`lib_lora.prepare.prepare_folder`); ``autotag DIR --wd14
+MODEL_DIR`` writes WD14 tags into the captions (:func:`lib_lora.taggers.tag_folder`).
+
 ``tags DIR`` edits every caption file of the dataset (:func:`lib_lora.tags.edit_folder`): trigger word first, tags
 removed, replaced, added, repeats and conflicts dropped, prompt syntax cleaned; ``--dry-run`` only shows the changes.
 ``--suggest-prune`` only reads: it lists the tags present in at least ``--threshold`` of the captions.
@@ -25,7 +28,7 @@ KINDS = ("person", "anime", "style", "concept")
 
 
 def add_subcommands(sub) -> None:
-    """Registers ``check`` and ``tags`` on the ``python -m lib_lora`` parser."""
+    """Registers ``check``, ``tags``, ``prepare`` and ``autotag`` on the ``python -m lib_lora`` parser."""
     check = sub.add_parser("check", help="check a dataset folder (count, duplicates, blur, exposure, captions)")
     check.add_argument("folder", metavar="DIR")
     check.add_argument("--kind", choices=KINDS, default="concept", help="LoRA kind for the image count guidance")
@@ -53,6 +56,34 @@ def add_subcommands(sub) -> None:
     tags.add_argument("--dry-run", action="store_true", help="show the changes, write nothing")
     tags.add_argument("--json", action="store_true", help="print the result as JSON")
     tags.set_defaults(func=_cmd_tags)
+
+    prep = sub.add_parser("prepare", help="write resized/cropped copies of a dataset folder into a new folder")
+    prep.add_argument("src", metavar="SRC")
+    prep.add_argument("dst", metavar="DST", help="new output folder (not SRC nor inside it)")
+    prep.add_argument("--size", type=int, default=512, help="output side in pixels (default 512)")
+    prep.add_argument("--crop", choices=("centre", "focal", "none"), default="centre",
+                      help="centre square, square around faces/detail, or none (keep aspect, only downscale)")
+    prep.add_argument("--flip", action="store_true", help="also write mirrored copies (same caption)")
+    prep.add_argument("--remove-background", action="store_true",
+                      help="white background via rembg (needs rembg and its model file locally)")
+    prep.add_argument("--overwrite", action="store_true", help="replace files already in DST")
+    prep.add_argument("--json", action="store_true", help="print the report as JSON")
+    prep.set_defaults(func=_cmd_prepare)
+
+    auto = sub.add_parser("autotag", help="caption images with a local WD14 tagger (onnxruntime)")
+    auto.add_argument("folder", metavar="DIR")
+    auto.add_argument("--wd14", required=True, metavar="MODEL_DIR",
+                      help="folder with model.onnx and selected_tags.csv (or one level above such folders)")
+    auto.add_argument("--threshold", type=float, default=0.35, help="general tag threshold (default 0.35)")
+    auto.add_argument("--character-threshold", type=float, default=0.85,
+                      help="character tag threshold (default 0.85)")
+    auto.add_argument("--mode", choices=("skip", "overwrite", "prepend", "append"), default="skip",
+                      help="what to do with existing captions (default skip: never replace them)")
+    auto.add_argument("--trigger", default=None, help="trigger word put first in each caption written")
+    auto.add_argument("--caption-extension", default=".txt", help="caption extension (default .txt)")
+    auto.add_argument("--dry-run", action="store_true", help="show the captions, write nothing")
+    auto.add_argument("--json", action="store_true", help="print the result as JSON")
+    auto.set_defaults(func=_cmd_autotag)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -116,4 +147,23 @@ def _cmd_tags(args: argparse.Namespace) -> int:
     verb = "would change" if result.dry_run else "changed"
     print(f"{verb} {len(result.changes)} caption file(s), {result.unchanged} unchanged, "
           f"{len(result.missing)} image(s) without a caption file", file=sys.stderr)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_folder
+
+    report = prepare_folder(args.src, args.dst, size=args.size, crop=args.crop, flip=args.flip,
+                            remove_background=args.remove_background, overwrite=args.overwrite)
+    print(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) if args.json else report.to_text())
+    return 0
+
+
+def _cmd_autotag(args: argparse.Namespace) -> int:
+    from .taggers import WD14Tagger, tag_folder
+
+    tagger = WD14Tagger(args.wd14, general_threshold=args.threshold, character_threshold=args.character_threshold)
+    result = tag_folder(args.folder, tagger, mode=args.mode, trigger=args.trigger,
+                        caption_extension=args.caption_extension, dry_run=args.dry_run)
+    print(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) if args.json else result.to_text())
     return 0
