@@ -307,7 +307,10 @@ def tag_folder(
         images.extend(list_image_files(sub, (".txt", ".caption", ".npz", caption_extension.lower()))[0])
     for n, image in enumerate(images, 1):
         cap = caption_path(image, caption_extension)
-        data = cap.read_bytes() if cap.is_file() else b""
+        try:
+            data = cap.read_bytes() if cap.is_file() else b""
+        except OSError as e:
+            raise DatasetError(f"cannot read caption file {cap}: {e}") from e
         parsed = parse_caption_bytes(data, f"caption file {cap}")
         if mode == "skip" and split_tags(parsed.caption, separator):
             result.kept.append(image)
