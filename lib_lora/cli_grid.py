@@ -185,8 +185,13 @@ def render_run_grid(args: argparse.Namespace) -> dict:
                     continue
                 tag = next(t for t in parse_lora_tags(cell.prompt) if t.name == name)
                 net.set_multiplier(te=tag.te, unet=tag.unet)
-                with net.applied():
+                # Merged into the weights, a cell costs what a plain generation costs (no per-layer LoRA path in
+                # each of the sampler's steps); unmerge restores the base weights bit-exactly.
+                net.merge()
+                try:
                     images[(cell.row, cell.col, cell.page)] = generate(cell)
+                finally:
+                    net.unmerge()
             del net
 
     cells_dir = output.with_name(output.stem + "-cells")
