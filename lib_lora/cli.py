@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import LoraError
@@ -31,12 +32,20 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .checks import inspect_file
 
-    reports = [inspect_file(path) for path in args.files]
+    reports, failed = [], 0
+    for path in args.files:  # one unreadable file must not hide the reports of the others
+        try:
+            reports.append(inspect_file(path))
+        except LoraError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
     if args.json:
         data = [r.to_dict() for r in reports]
         print(json.dumps(data[0] if len(data) == 1 else data, indent=1))
-    else:
+    elif reports:
         print("\n\n".join(r.to_text() for r in reports))
+    if failed:
+        return 2
     return 1 if any(r.non_finite for r in reports) else 0
 
 
@@ -50,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lib_lora``."""
     parser = _Parser(prog="python -m lib_lora",
-                                     description="Kohya-compatible LoRA tools for Stable Diffusion models.")
+                     description="Kohya-compatible LoRA tools for Stable Diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     keys = sub.add_parser("keys", help="list the Kohya module names a network gets on a full-size model")
@@ -60,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_cmd_keys)
 
     insp = sub.add_parser("inspect", help="describe LoRA files: architecture, ranks, counts, unmatched keys")
-    insp.add_argument("files", nargs="+")
-    insp.add_argument("--json", action="store_true")
+    insp.add_argument("files", nargs="+", help="LoRA files (.safetensors, or weights-only .ckpt/.pt)")
+    insp.add_argument("--json", action="store_true", help="print the report as JSON (a list for several files)")
     insp.set_defaults(func=_cmd_inspect)
 
     from . import cli_train
@@ -85,3 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``... | head``): not an error of ours. Point stdout at devnull so that the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -12,9 +12,11 @@ Field names follow sd-scripts' arguments wherever one exists (``network_dim``, `
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import sys
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -197,8 +199,13 @@ class TrainConfig:
             data.setdefault(name, None)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+            raise ConfigError(f"unknown config keys: {', '.join(hints)}")
+        types = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, types[k], v) for k, v in data.items()})
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -239,6 +246,53 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Checks one config value against its field type (TOML and JSON give any type) and normalises harmless
+    variants: an int where a float is expected, a whole float where an int is expected, one string where a list of
+    strings is expected (``trigger_words = "sks"`` means ``["sks"]``).
+
+    Raises:
+        ConfigError: naming the field, the expected type and the value given.
+    """
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must be set (got nothing)")
+    origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{name} must be a table of key = value, got {value!r}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
 
 
 def _toml_value(value: Any) -> str:

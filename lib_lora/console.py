@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ import torch
 
 from .config import TrainConfig
 from .control import ProgressInfo, TrainCallbacks, TrainCommands
-from .trainer import Trainer, TrainResult, resolve_device
+from .trainer import Trainer, TrainResult, preflight, resolve_device
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,12 +29,15 @@ def run_training(config: TrainConfig, progress_bar: bool = True, callbacks: Trai
 
     from .model.headless import load_model
 
-    config.validate()
+    preflight(config)  # before the (possibly minutes long) model load
     device = resolve_device(config.device)
     if model is None:
         print(f"loading {config.model} on {device}", file=sys.stderr)
         model = load_model(config.model, device=device, dtype=_DTYPES[config.mixed_precision],
                            v_prediction=config.v_prediction)
+    # lib_lora's loggers repeat what the trainer already reports through on_message; without this the logging
+    # module's last-resort handler would print each dataset warning twice on the terminal.
+    logging.getLogger("lib_lora").addHandler(logging.NullHandler())
     commands = TrainCommands()
     bar = None
     cb = callbacks or TrainCallbacks()
@@ -71,7 +75,6 @@ def run_training(config: TrainConfig, progress_bar: bool = True, callbacks: Trai
             bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    print(result.message, file=sys.stderr)
     for path in result.files:
         print(path)
     print(f"logs: {result.log_dir} (tensorboard --logdir {result.log_dir})", file=sys.stderr)

@@ -501,6 +501,8 @@ def load_lora_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
     """
     p = Path(os.fspath(path))
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise FormatError(f"{p}: is a folder, not a LoRA file")
     if suffix == ".safetensors":
         try:
             with safetensors.safe_open(os.fspath(p), framework="pt", device="cpu") as f:

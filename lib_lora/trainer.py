@@ -109,6 +109,34 @@ def plan_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int, i
     return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
 
 
+def preflight(config: TrainConfig) -> None:
+    """Cheap checks of a config before anything heavy loads (the base model can take minutes): the settings
+    validate, the dataset folder exists, the model file exists (unless embedded), the optimizer's package is
+    installed, and a resume folder is a complete state.
+
+    Raises:
+        ConfigError, DatasetError, TrainingError: naming what is wrong and how to fix it.
+    """
+    from .model.configs import EMBEDDED_MODELS
+    from .optimizers import get_optimizer_class
+    from .state import check_state_dir
+
+    config.validate()
+    if not config.train_data_dir:
+        raise ConfigError("train_data_dir is not set: point it at a folder of images (or of N_name folders)")
+    if not Path(config.train_data_dir).is_dir():
+        raise DatasetError(f"dataset folder {config.train_data_dir} does not exist or is not a folder")
+    if config.model not in EMBEDDED_MODELS and not Path(config.model).is_file():
+        raise ConfigError(f"model {config.model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                          "nor an existing checkpoint file")
+    get_optimizer_class(config.optimizer)
+    if config.resume:
+        missing = check_state_dir(config.resume)
+        if missing:
+            raise TrainingError(f"cannot resume from {config.resume}: not a complete training state, missing "
+                                + ", ".join(missing))
+
+
 def checkpoint_name(output_name: str, *, epoch: int | None = None, step: int | None = None) -> str:
     """Kohya file stems (sd-scripts ``get_epoch_ckpt_name`` / ``get_step_ckpt_name`` / ``get_last_ckpt_name``):
     ``name-000001`` per epoch, ``name-step00000200`` per step, ``name`` for the final file."""
@@ -326,6 +354,9 @@ class Trainer:
 
         log_dir = Path(cfg.logging_dir or out_dir / "logs") / f"{cfg.output_name}_{time.strftime('%Y%m%d%H%M%S')}"
         log = TrainLog(log_dir)
+        if not log.has_tensorboard:
+            self.callbacks.message("TensorBoard logging is off (the tensorboard package is not installed); the "
+                                   f"JSONL log is in {log.jsonl_path}")
         atomic_write_bytes(out_dir / f"{cfg.output_name}.config.toml", cfg.to_toml().encode("utf-8"))
 
         self.callbacks.message(f"caching latents of {len(dataset.items)} images")
@@ -486,7 +517,8 @@ class Trainer:
         for key in ("ss_session_id", "ss_training_started_at"):
             if key in ts.get("metadata", {}):
                 metadata[key] = ts["metadata"][key]
-        self.callbacks.message(f"resumed from {self.config.resume}: step {ts['global_step']}, epoch {ts['epoch']}")
+        self.callbacks.message(f"resumed from {self.config.resume}: step {ts['global_step']}, "
+                               f"{ts['epoch']} epoch(s) done")
         return ts["global_step"], ts["epoch"], ts["step_in_epoch"]
 
     # ----------------------------------------------------------------------------------------------------- step
@@ -563,7 +595,7 @@ class Trainer:
         write_sidecar(path, sd_version=self.model.arch, activation_text=list(cfg.trigger_words) or None,
                       preferred_weight=cfg.preferred_weight,
                       description=f"LoRA trained with lib_lora on {os.path.basename(str(self.model.name))}, "
-                                  f"{step} steps, epoch {epoch}")
+                                  f"{step} steps, {epoch} epoch(s) completed")
         self.files.append(str(path))
         log.event(step, "saved", str(path))
         self.callbacks.message(f"saved {path}")

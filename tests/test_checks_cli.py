@@ -183,3 +183,24 @@ def test_python_m_lib_lora_inspect(reference_lora_dir, nan_file, capsys, monkeyp
     bogus, damaged = json.loads(capsys.readouterr().out)
     assert bogus["unmatched"] == [BOGUS] and bogus["non_finite"] is None
     assert NAN_KEY in damaged["non_finite"] and damaged["unmatched"] == []
+
+
+def test_cli_inspect_reports_good_files_despite_a_bad_one(reference_lora_dir, tmp_path, capsys):
+    """inspect on a good file and a truncated one: the good file's report is printed, the bad one is one error line,
+    exit status 2."""
+    bad = tmp_path / "trunc.safetensors"
+    data = (reference_lora_dir / "test_lora.safetensors").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    status = main(["inspect", str(reference_lora_dir / "test_lora.safetensors"), str(bad)])
+    out, err = capsys.readouterr()
+    assert status == 2 and "test_lora.safetensors" in out and "unmatched modules: 0" in out
+    assert "trunc.safetensors" in err and "Traceback" not in err
+
+
+def test_cli_keys_into_a_closed_pipe_is_quiet():
+    """``keys ... | head`` must not end in a BrokenPipeError traceback."""
+    import subprocess
+
+    cmd = f"{sys.executable} -m lib_lora keys --arch sd1 --json | head -n 2"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.splitlines()[0] == "{" and "Traceback" not in proc.stderr

@@ -134,3 +134,25 @@ def test_validate_refuses_a_newer_version():
     """Proves a config from a newer lib_lora is refused with the version numbers, not half-understood."""
     with pytest.raises(ConfigError, match=f"version {CONFIG_VERSION + 1}"):
         TrainConfig(version=CONFIG_VERSION + 1).validate()
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"resolution": "big"}, "resolution must be a whole number"),
+    ({"learning_rate": "1e-4"}, "learning_rate must be a number"),
+    ({"save_state": "yes"}, "save_state must be true or false"),
+    ({"trigger_words": [1, 2]}, "trigger_words must be a list of strings"),
+    ({"netwrok_dim": 3}, "did you mean network_dim"),
+])
+def test_wrong_typed_values_are_config_errors(data, needle):
+    """A value of the wrong type in a TOML/JSON config is a ConfigError naming the field (never a TypeError later
+    in validate), and a misspelt key gets a suggestion."""
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig.from_dict(data)
+
+
+def test_harmless_type_variants_are_normalised():
+    """One trigger string means a one-element list (not a list of letters); ints are fine where floats go and
+    whole floats where ints go."""
+    cfg = TrainConfig.from_dict({"trigger_words": "mydog", "network_alpha": 8, "resolution": 512.0})
+    assert cfg.trigger_words == ["mydog"] and cfg.network_alpha == 8.0 and cfg.resolution == 512
+    assert isinstance(cfg.resolution, int)

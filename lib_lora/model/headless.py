@@ -430,6 +430,9 @@ def detect_arch(sd: dict[str, torch.Tensor], path: str | os.PathLike = "checkpoi
         raise ModelLoadError(f"{path}: SDXL checkpoints (conditioner.*) are not supported by the headless loader; "
                              "use the WebUI")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
+        if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+            raise ModelLoadError(f"{path}: this is a LoRA file, not a base model checkpoint; pass the checkpoint "
+                                 "the LoRA is for as the model")
         raise ModelLoadError(f"{path}: no '{UNET_PREFIX}*' keys: not an LDM single-file checkpoint")
     if any(k.startswith(SD2_TE_PREFIX) for k in keys):
         return "sd2"
