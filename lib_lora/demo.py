@@ -149,7 +149,10 @@ def run_demo(output_dir: str, images: str | None = None, steps: int | None = Non
     print(f"\ndemo done in {summary['seconds']} s. Output in {out}:", file=sys.stderr)
     for c in checkpoints:
         print(f"  {c}  (+ {c.with_suffix('.json').name})", file=sys.stderr)
-    print(f"  {out / 'loss.png'}\n  {out / 'grid.png'}\n  {out / 'eval.json'}", file=sys.stderr)
+    print(f"  {out / 'loss.png'}\n  {out / 'grid.png'} (+ grid.json, grid-cells/)\n  {out / 'eval.json'}",
+          file=sys.stderr)
+    print("note: tiny-sd1 has random weights, so its images are noise patterns, not dogs; the LoRA's effect shows "
+          "as pixel differences between the grid's rows and in the denoising loss below", file=sys.stderr)
     print(f"denoising loss on the photos: base {base_loss:.4f}, with the LoRA {lora_loss:.4f} "
           f"({summary['reduction']:.0%} lower)", file=sys.stderr)
     print(f"check a file: python -m lib_lora inspect {checkpoints[-1]}", file=sys.stderr)
