@@ -99,7 +99,8 @@ class LoRAModule(nn.Module):
                     mask = mask[:, None, :]
                 lx = lx * mask
                 scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(lx) * (self.multiplier * scale)
+        # Scale the rank-r intermediate, not the full-width output: one small temporary instead of a large one.
+        return self.lora_up(lx * (self.multiplier * scale))
 
     def skipped(self) -> bool:
         """True when this forward must return the base output alone (multiplier 0 or module dropout)."""
