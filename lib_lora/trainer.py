@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import PngImagePlugin
 
 from . import __version__, checkpointing, schedules
 from .config import TrainConfig
@@ -643,7 +644,14 @@ class Trainer:
                                          cfg.sample_cfg_scale, cfg.resolution, cfg.resolution, cfg.sample_seed)
                     path = folder / f"{cfg.output_name}_{step:08d}_{i:02d}.png"
                     tmp = path.with_name(f".{path.name}.tmp")
-                    image.save(tmp, format="PNG")
+                    # The WebUI's infotext layout, so "PNG Info" shows how the sample was made.
+                    info = PngImagePlugin.PngInfo()
+                    negative = f"\nNegative prompt: {cfg.sample_negative_prompt}" if cfg.sample_negative_prompt else ""
+                    info.add_text("parameters", f"{prompt}{negative}\nSteps: {cfg.sample_steps}, Sampler: DDIM, "
+                                  f"CFG scale: {cfg.sample_cfg_scale}, Seed: {cfg.sample_seed}, "
+                                  f"Size: {cfg.resolution}x{cfg.resolution}, Model: {self.model.name}, "
+                                  f"LoRA: {cfg.output_name} step {step}")
+                    image.save(tmp, format="PNG", pnginfo=info)
                     os.replace(tmp, path)
                     if self.callbacks.on_sample:
                         self.callbacks.on_sample(str(path), step, prompt)

@@ -55,6 +55,7 @@ def test_samples_are_made_during_training(sd1, data, tmp_path):
 
         with Image.open(path) as im:
             assert im.size == (64, 64)
+            assert im.info["parameters"].startswith(f"a photo of {TRIGGER}\nSteps: 2, Sampler: DDIM")
 
 
 def test_plateau_lr_drop_and_early_stop(sd1, data, tmp_path):
