@@ -387,12 +387,8 @@ class Trainer:
                             optimizer.zero_grad(set_to_none=True)
                             micro, accum_loss = 0, 0.0
                             consecutive_skips += 1
-                            text = f"step {global_step + 1}: loss is {step_loss}"
-                            if cfg.on_nonfinite_loss == "stop" or consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-                                raise TrainingError(f"{text}; training stopped, the last saved checkpoint is "
-                                                    f"intact; {NONFINITE_ADVICE}")
-                            log.event(global_step, "skipped_step", text)
-                            self.callbacks.message(f"{text}; step skipped")
+                            self._skip_or_stop(f"step {global_step + 1}: loss is {step_loss}", consecutive_skips,
+                                               global_step, log)
                             continue
                         consecutive_skips = 0
                         accum_loss += step_loss / accum
@@ -403,13 +399,9 @@ class Trainer:
                         if not math.isfinite(grad_norm):  # finite loss, non-finite gradients: not applied
                             step_loss, micro, accum_loss = accum_loss * accum / micro, 0, 0.0
                             consecutive_skips += 1
-                            text = (f"step {global_step + 1}: gradients are non-finite (norm {grad_norm}, "
-                                    f"loss {step_loss:.4g})")
-                            if cfg.on_nonfinite_loss == "stop" or consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-                                raise TrainingError(f"{text}; training stopped, the last saved checkpoint is "
-                                                    f"intact; {NONFINITE_ADVICE}")
-                            log.event(global_step, "skipped_step", text)
-                            self.callbacks.message(f"{text}; step skipped")
+                            self._skip_or_stop(f"step {global_step + 1}: gradients are non-finite (norm "
+                                               f"{grad_norm}, loss {step_loss:.4g})", consecutive_skips,
+                                               global_step, log)
                             continue
                         scheduler.step()
                         loss, micro, accum_loss = accum_loss * accum / micro, 0, 0.0
@@ -555,6 +547,18 @@ class Trainer:
         if math.isfinite(value):
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         return value
+
+    def _skip_or_stop(self, text: str, consecutive_skips: int, global_step: int, log: TrainLog) -> None:
+        """A step with a non-finite loss or gradient: raise (policy "stop", or too many skips in a row) or log
+        and let the loop skip it (policy "skip"). Nothing was applied to the weights either way.
+
+        Raises:
+            TrainingError: with the likely fixes; the last saved checkpoint is intact.
+        """
+        if self.config.on_nonfinite_loss == "stop" or consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"{text}; training stopped, the last saved checkpoint is intact; {NONFINITE_ADVICE}")
+        log.event(global_step, "skipped_step", text)
+        self.callbacks.message(f"{text}; step skipped")
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
         """Clips and applies the gradients; returns their total norm. A non-finite norm without fp16 loss scaling
