@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from _paths import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("floor_ratio_sd15", "floor_ratio_sd15_ckpt", "mem_floor_ratio_sd15", "epoch2_over_epoch1", "grid_cell_overhead")
@@ -26,8 +27,8 @@ def _load_run():
 def test_smoke_mode_writes_finite_figures(tmp_path, capsys):
     run = _load_run()
     out = tmp_path / "bench.json"
-    args = ["--smoke", "--json", str(out)]
-    data_dir = ROOT.parent / "shared" / "data" / "dreambooth"
+    data_dir = SHARED_DATA / "dreambooth"
+    args = ["--smoke", "--json", str(out), "--data-dir", str(data_dir)]
     if not data_dir.is_dir():
         pytest.skip(f"no dreambooth photos at {data_dir}")
     assert run.main(args) == 0
