@@ -471,7 +471,8 @@ class LoRANetwork(nn.Module):
                     e = t.layer.embed_dim
                     i = ("q_proj", "k_proj", "v_proj").index(t.mha_part)
                     weight, rows = t.layer.in_proj_weight, slice(i * e, (i + 1) * e)
-                self._backups.append((weight, weight.detach().clone()))
+                if not any(w is weight for w, _ in self._backups):  # in_proj_weight holds q, k and v
+                    self._backups.append((weight, weight.detach().clone()))
                 target = weight[rows]
                 delta = lora.delta(target.shape).to(device=weight.device)
                 weight[rows] = (target.float() + delta).to(weight.dtype)

@@ -105,6 +105,14 @@ def check_state_dir(folder: str | os.PathLike) -> list[str]:
     return missing
 
 
+def require_complete(folder: str | os.PathLike) -> None:
+    """Raises TrainingError listing what :func:`check_state_dir` found missing; returns quietly otherwise."""
+    missing = check_state_dir(folder)
+    if missing:
+        raise TrainingError(f"cannot resume from {folder}: not a complete training state, missing "
+                            + ", ".join(missing))
+
+
 def load_state(folder: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Loads a state folder after checking it is complete.
 
@@ -115,10 +123,7 @@ def load_state(folder: str | os.PathLike, device: torch.device | str = "cpu") ->
     Raises:
         TrainingError: the folder is not a complete state; the message lists what is missing.
     """
-    missing = check_state_dir(folder)
-    if missing:
-        raise TrainingError(f"cannot resume from {folder}: not a complete training state, missing "
-                            + ", ".join(missing))
+    require_complete(folder)
     p = Path(folder)
     try:
         return {

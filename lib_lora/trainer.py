@@ -120,7 +120,7 @@ def preflight(config: TrainConfig) -> None:
     """
     from .model.configs import EMBEDDED_MODELS
     from .optimizers import get_optimizer_class
-    from .state import check_state_dir
+    from .state import require_complete
 
     config.validate()
     if not config.train_data_dir:
@@ -132,10 +132,7 @@ def preflight(config: TrainConfig) -> None:
                           "nor an existing checkpoint file")
     get_optimizer_class(config.optimizer)
     if config.resume:
-        missing = check_state_dir(config.resume)
-        if missing:
-            raise TrainingError(f"cannot resume from {config.resume}: not a complete training state, missing "
-                                + ", ".join(missing))
+        require_complete(config.resume)
 
 
 def checkpoint_name(output_name: str, *, epoch: int | None = None, step: int | None = None) -> str:

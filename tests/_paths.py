@@ -23,3 +23,18 @@ def _find_shared() -> Path:
 
 SHARED = _find_shared()
 SHARED_DATA = SHARED / "data"
+REFERENCE_LORA_DIR = SHARED_DATA / "webui-tiny-sd1" / "lora"  # reference Kohya files for the tiny SD1 checkpoint
+_SHARED_DOG = SHARED_DATA / "dreambooth" / "dog"
+_BUNDLED_DOG = REPO_ROOT / "lib_lora" / "demo_data" / "dog"
+
+
+def dog_photos() -> list[Path]:
+    """The five real dog photos (the shared DreamBooth copy, else the ones bundled with the demo); skips the
+    calling test when neither is there."""
+    import pytest
+
+    for folder in (_SHARED_DOG, _BUNDLED_DOG):
+        photos = sorted(folder.glob("*.jpg"))
+        if len(photos) >= 5:
+            return photos
+    pytest.skip(f"dog photos not found in {_SHARED_DOG} or {_BUNDLED_DOG}")

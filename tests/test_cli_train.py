@@ -10,24 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from _paths import SHARED_DATA
+from _paths import dog_photos
 
 from lib_lora.cli import build_parser
 from lib_lora.cli_train import config_from_args
 from lib_lora.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DOG = SHARED_DATA / "dreambooth/dog"
-BUNDLED_DOG = REPO / "lib_lora" / "demo_data" / "dog"
 
 
-def dog_photos() -> list[Path]:
-    """The five real dog photos (the shared DreamBooth copy, else the ones bundled with the demo)."""
-    for folder in (SHARED_DOG, BUNDLED_DOG):
-        photos = sorted(folder.glob("*.jpg"))
-        if len(photos) >= 5:
-            return photos
-    pytest.skip(f"dog photos not found in {SHARED_DOG} or {BUNDLED_DOG}")
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _paths import REFERENCE_LORA_DIR
 
 from lib_lora import __version__
 from lib_lora.errors import ConfigError, FormatError
@@ -25,18 +26,7 @@ from lib_lora.metadata import (
 )
 from lib_lora.safetensors_io import load_lora_file, save_lora_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ref_dir() -> Path | None:
-    for base in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared", Path("/work/shared")):
-        d = base / "data" / "webui-tiny-sd1" / "lora"
-        if (d / "test_lora.safetensors").is_file():
-            return d
-    return None
-
-
-REF_DIR = _ref_dir()
+REF_DIR = REFERENCE_LORA_DIR if (REFERENCE_LORA_DIR / "test_lora.safetensors").is_file() else None
 needs_ref = pytest.mark.skipif(REF_DIR is None, reason="shared reference LoRA files not present")
 
 BASE = {"base_model": "sd1", "network_dim": 8, "network_alpha": 4.0}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from _paths import REFERENCE_LORA_DIR, REPO_ROOT
 
 from lib_lora import safetensors_io as sio
 from lib_lora.errors import ConfigError, FormatError
@@ -34,18 +35,7 @@ from lib_lora.safetensors_io import (
     sha256_file,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ref_dir() -> Path | None:
-    for base in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared", Path("/work/shared")):
-        d = base / "data" / "webui-tiny-sd1" / "lora"
-        if (d / "test_lora.safetensors").is_file():
-            return d
-    return None
-
-
-REF_DIR = _ref_dir()
+REF_DIR = REFERENCE_LORA_DIR if (REFERENCE_LORA_DIR / "test_lora.safetensors").is_file() else None
 needs_ref = pytest.mark.skipif(REF_DIR is None, reason="shared reference LoRA files not present")
 
 # sha256 of the data section of the reference files, computed independently (struct + hashlib) when written.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _paths import SHARED_DATA
+from _paths import dog_photos
 
 from lib_lora import checkpointing
 from lib_lora.config import TrainConfig
@@ -39,18 +39,9 @@ from lib_lora.trainer import NONFINITE_ADVICE, Trainer, checkpoint_name, plan_st
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-SHARED_DOG = SHARED_DATA / "dreambooth/dog"
-BUNDLED_DOG = Path(__file__).resolve().parents[1] / "lib_lora" / "demo_data" / "dog"
 TRIGGER = "sks dog"
 
 
-def dog_photos() -> list[Path]:
-    """The five real dog photos (the shared DreamBooth copy, else the ones bundled with the demo)."""
-    for folder in (SHARED_DOG, BUNDLED_DOG):
-        photos = sorted(folder.glob("*.jpg"))
-        if len(photos) >= 5:
-            return photos
-    pytest.skip(f"dog photos not found in {SHARED_DOG} or {BUNDLED_DOG}")
 
 
 def make_dataset(root: Path, n: int, folder: str = f"1_{TRIGGER}") -> Path:

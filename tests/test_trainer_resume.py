@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _paths import SHARED_DATA
+from _paths import dog_photos
 
 from lib_lora.config import TrainConfig
 from lib_lora.control import TrainCallbacks, TrainCommands
@@ -26,18 +26,9 @@ from lib_lora.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-SHARED_DOG = SHARED_DATA / "dreambooth/dog"
-BUNDLED_DOG = Path(__file__).resolve().parents[1] / "lib_lora" / "demo_data" / "dog"
 TRIGGER = "sks dog"
 
 
-def dog_photos() -> list[Path]:
-    """The five real dog photos (the shared DreamBooth copy, else the ones bundled with the demo)."""
-    for folder in (SHARED_DOG, BUNDLED_DOG):
-        photos = sorted(folder.glob("*.jpg"))
-        if len(photos) >= 5:
-            return photos
-    pytest.skip(f"dog photos not found in {SHARED_DOG} or {BUNDLED_DOG}")
 
 
 def make_dataset(root: Path, n: int) -> Path:
