@@ -17,7 +17,7 @@ py="$venv/bin/python"
 req="requirements.txt"
 [ "$kind" = "test" ] && req="requirements-test.txt"
 stamp="$venv/.lib_lora-$kind.stamp"
-want="$(cat requirements-torch.txt requirements.txt "$req" | sha256sum | cut -c1-16)"
+want="$(cat requirements-torch.txt requirements*.txt "$req" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$py" -m pip install -q --disable-pip-version-check --upgrade pip >&2 || true
   # torch first, pinned: a bare "torch" would pull whatever build the index has.
