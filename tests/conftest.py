@@ -35,3 +35,7 @@ def reference_lora_dir() -> Path:
     if not (folder / "test_lora.safetensors").is_file():
         pytest.skip(f"shared reference LoRA files not found under {folder}")
     return folder
+
+
+# WebUI stand-in fixtures (tests/_webui.py): webui, webui_sd1, webui_sd2.
+from _webui import webui, webui_sd1, webui_sd2  # noqa: E402, F401
