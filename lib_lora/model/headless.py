@@ -236,8 +236,12 @@ class HeadlessModel:
             raise ConfigError(f"batch mismatch: latents {tuple(x.shape)}, timesteps {tuple(t.shape)}, "
                               f"context {tuple(ctx.shape)}")
         with self._autocast():
-            out = self.unet(x, t, context=ctx)
+            out = self.unet(x, t, context=ctx, **self._unet_extra_inputs(cond))
         return out.to(noisy_latents.dtype)
+
+    def _unet_extra_inputs(self, cond: Conditioning) -> dict:
+        """Keyword inputs of the UNet besides ``context`` (none for SD1/SD2; subclasses add SDXL's ``y``)."""
+        return {}
 
     # -- checkpoint layout -----------------------------------------------------------------------------------------
 
