@@ -14,6 +14,11 @@ cannot be read gives a marked grey column and a warning, not a crash (exit statu
 Outputs: the grid (``--output``, split into ``-page<N>`` files or switched to PNG when too large, see
 :func:`lib_lora.grid.check_grid_size`), each cell as ``<output stem>-cells/<stem>_w<weight>_s<seed>.png``, and
 ``<output stem>.json`` (plan, layout, files, problems). Their paths are printed on stdout.
+
+With ``--clip-model ARCH:FILE`` the cells are scored (:mod:`lib_lora.scoring`: fidelity to the training images,
+prompt adherence, seed collapse, combined score): each cell shows its combined score, the best one says
+``best``, and ``<output stem>.scores.md`` / ``.scores.csv`` hold the table; ``--apply-best`` writes the winner's
+sidecar weight and preview. A CLIP model that cannot be loaded gives a warning and the grid without scores.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, LoraError
 
 __all__ = ["add_subcommands", "render_run_grid"]
 
@@ -55,6 +60,17 @@ def add_subcommands(sub) -> None:
     g.add_argument("--no-trigger", action="store_true", help="add no trigger words")
     g.add_argument("--device", default="cpu")
     g.add_argument("--output", default="grid.png", help="grid file (.png, .jpg, .webp)")
+    sc = g.add_argument_group("scoring (lib_lora.scoring; needs a local CLIP file, nothing is downloaded)")
+    sc.add_argument("--clip-model", default=None, metavar="ARCH:FILE",
+                    help="score the cells with this open_clip model, e.g. ViT-L-14:/models/open_clip_model.bin "
+                         "(or an OpenAI TorchScript file alone)")
+    sc.add_argument("--train-data-dir", default=None,
+                    help="training images for fidelity (default: train_data_dir of the run's .config.toml)")
+    sc.add_argument("--fidelity", choices=("mean", "max"), default="mean",
+                    help="mean or max CLIP similarity to the training images")
+    sc.add_argument("--apply-best", action="store_true",
+                    help="write the best weight as 'preferred weight' into the winner's sidecar and its cell "
+                         "as <stem>.preview.png")
     g.set_defaults(func=_cmd_grid)
 
 
@@ -208,6 +224,7 @@ def render_run_grid(args: argparse.Namespace) -> dict:
                             "checkpoint": cell.checkpoint, "weight": cell.weight, "prompt": cell.prompt})
 
     marks = {(r, c): problems[c][0] for c in problems for r in range(plan.rows) if not (plan.baseline and r == 0)}
+    scoring = _score(args, plan, images, paths, by_name, trigger, output, marks) if args.clip_model else None
     grids = []
     output.parent.mkdir(parents=True, exist_ok=True)
     for page, seed in enumerate(seeds):
@@ -230,12 +247,69 @@ def render_run_grid(args: argparse.Namespace) -> dict:
         "size_check": {"action": decision.action, "format": decision.fmt, "message": decision.message},
         "problems": [{"col": c, "file": str(paths[c]), "mark": m, "message": msg}
                      for c, (m, msg) in sorted(problems.items())],
+        "scoring": scoring,
         "seconds": round(time.monotonic() - started, 2),
     }
     manifest = output.with_suffix(".json")
     manifest.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     summary["manifest"] = str(manifest)
     return summary
+
+
+def _score(args, plan, images, paths, by_name, trigger, output: Path, marks: dict) -> dict:
+    """Scores the cells (see :mod:`lib_lora.scoring`), adds a score mark to each scored cell (``marks`` is
+    changed), writes the tables; returns the summary's ``scoring`` entry ({"error": message} when unavailable)."""
+    from .safetensors_io import atomic_write_bytes
+    from .scoring import (
+        ScoringUnavailable,
+        apply_best,
+        find_training_images,
+        load_clip,
+        load_training_images,
+        score_grid,
+    )
+
+    try:
+        scorer = load_clip(args.clip_model, device=args.device)
+    except ScoringUnavailable as exc:
+        _warn(f"no scores: {exc}")
+        return {"error": str(exc)}
+    run_folder, run_name = (paths[0].parent, plan_run_name(paths)) if paths else (None, None)
+    try:
+        train_paths = find_training_images(args.train_data_dir, run_folder=run_folder, run_name=run_name)
+    except LoraError as exc:
+        _warn(str(exc))
+        train_paths = []
+    train, problems = load_training_images(train_paths)
+    for p in problems:
+        _warn(p)
+    cells = [(c, images.get((c.row, c.col, c.page))) for c in plan.cells]
+    scores = score_grid(scorer, cells, train, trigger_words=trigger, fidelity=args.fidelity)
+    for m in scores.messages:
+        _warn(m)
+    for g in scores.groups:
+        if g.combined is not None:
+            text = f"{g.combined:.2f}" + (" best" if g.best else "")
+            marks[(g.row, g.col)] = f"{marks[(g.row, g.col)]} {text}" if (g.row, g.col) in marks else text
+    md, csv_path = output.with_suffix(".scores.md"), output.with_suffix(".scores.csv")
+    atomic_write_bytes(md, (scores.table_markdown() + "\n").encode("utf-8"))
+    atomic_write_bytes(csv_path, scores.table_csv().encode("utf-8"))
+    print(scores.summary(), file=sys.stderr)
+    out = {"table_md": str(md), "table_csv": str(csv_path), **scores.to_dict()}
+    if args.apply_best:
+        try:
+            out["applied"] = apply_best(scores, by_name, cells)
+        except LoraError as exc:
+            _warn(f"not applied: {exc}")
+            out["applied"] = {"error": str(exc)}
+    return out
+
+
+def plan_run_name(paths: list[Path]) -> str:
+    """The run name of the first checkpoint file (see :func:`lib_lora.runs.parse_checkpoint_stem`)."""
+    from .runs import parse_checkpoint_stem
+
+    return parse_checkpoint_stem(paths[0].stem)[0]
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:

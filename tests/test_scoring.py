@@ -248,3 +248,56 @@ def test_apply_writes_sidecar_and_preview(tmp_path, scorer):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
     with pytest.raises(ConfigError):
         apply_best(scores, {}, cells)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Headless grid CLI with scoring
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_grid_scores_and_applies(tmp_path, tiny_clip_files, capsys):
+    from lib_lora.cli import main
+    from lib_lora.model.headless import load_model
+    from lib_lora.network import LoRANetwork
+    from lib_lora.safetensors_io import save_lora_file
+
+    cfg, weights, _ = tiny_clip_files
+    ds = tmp_path / "ds" / "5_sks dog"
+    ds.mkdir(parents=True)
+    for p in dog_photos()[:2]:
+        Image.open(p).convert("RGB").resize((64, 64)).save(ds / f"{p.stem}.png")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    model = load_model("tiny-sd1")
+    for i, stem in enumerate(["dog-000001", "dog"]):
+        torch.manual_seed(i)
+        net = LoRANetwork.create(model.unet, model.text_encoders, model.arch, network_dim=2, network_alpha=2)
+        with torch.no_grad():
+            for m in net.lora_modules():
+                m.lora_up.weight.normal_(0, 0.5)
+        save_lora_file(runs / f"{stem}.safetensors", net.kohya_state_dict(), {}, None)
+    (runs / "dog.config.toml").write_text(f'train_data_dir = "{(tmp_path / "ds").as_posix()}"\n')
+    out = tmp_path / "grid.png"
+    argv = ["grid", "--run", str(runs / "dog"), "--weights", "0.5,1", "--prompt", "sks dog on grass", "--seed", "1",
+            "--seed", "2", "--size", "64", "--steps", "2", "--output", str(out), "--no-trigger",
+            "--clip-model", f"{cfg}:{weights}", "--apply-best"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "grid.json").read_text(encoding="utf-8"))
+    sc = summary["scoring"]
+    assert sc["training_images"] == 2 and len(sc["groups"]) == 4
+    assert sum(g["best"] for g in sc["groups"]) == 1
+    best = sc["best"]
+    assert Path(sc["table_md"]).read_text(encoding="utf-8").count("\n") >= 6
+    assert Path(sc["table_csv"]).is_file()
+    side = read_sidecar(runs / f"{best['checkpoint']}.safetensors")
+    assert side["preferred weight"] == best["weight"]
+    assert (runs / f"{best['checkpoint']}.preview.png").is_file()
+    assert "best:" in capsys.readouterr().err
+
+    # an unusable CLIP file: a warning, the grid without scores
+    argv[argv.index("--clip-model") + 1] = f"{cfg}:{tmp_path / 'nope.bin'}"
+    argv.remove("--apply-best")
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "grid.json").read_text(encoding="utf-8"))
+    assert "not found" in summary["scoring"]["error"]
+    assert "no scores" in capsys.readouterr().err
