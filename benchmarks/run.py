@@ -121,6 +121,7 @@ def worker(spec: dict) -> dict:
     from lib_lora.checkpointing import training_mode
     from lib_lora.model.attention import use_sdpa
     from lib_lora.network import LoRANetwork
+    from lib_lora.recompute import tagged
 
     t0 = time.perf_counter()
     unet, ctx_dim = _build_unet(spec["model"])
@@ -167,7 +168,8 @@ def worker(spec: dict) -> dict:
             x.grad = None
 
     times = []
-    with training_mode(unet, spec["ckpt"]):
+    # Ours recomputes norm/GEGLU outputs that feed LoRA layers instead of keeping them (off with checkpointing).
+    with training_mode(unet, spec["ckpt"]), tagged(unet, enabled=variant == "lora" and not spec["ckpt"]):
         reset_ok = _reset_peak()
         rss_setup = (_status_kb("VmRSS") or 0) * 1024
         for i in range(spec["warmup"] + spec["steps"]):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import functional, recompute
 
 
 class LoRAModule(nn.Module):
@@ -86,7 +86,9 @@ class LoRAModule(nn.Module):
         w = self.lora_down.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled():
             x = x.to(w.dtype)
-        lx = self.lora_down(x)
+        # A tagged input (a norm or GEGLU output, see lib_lora.recompute) is recomputed in backward, not kept.
+        with recompute.saving_recipe(x):
+            lx = self.lora_down(x)
         scale = self.scale
         if self.training:
             if self.dropout:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import PngImagePlugin
 
-from . import __version__, checkpointing, schedules
+from . import __version__, checkpointing, recompute, schedules
 from .config import TrainConfig
 from .control import ProgressInfo, TrainCallbacks, TrainCommands
 from .data.buckets import BucketSpec
@@ -368,7 +368,10 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         loss = float("nan")
         try:
-            with net.applied(), checkpointing.training_mode(model.unet, cfg.gradient_checkpointing):
+            # Without checkpointing, LoRA inputs that are norm/GEGLU outputs are recomputed in backward instead of
+            # kept (lib_lora.recompute); with it, checkpointing already recomputes whole blocks.
+            with net.applied(), checkpointing.training_mode(model.unet, cfg.gradient_checkpointing), \
+                    recompute.tagged(model.unet, enabled=not cfg.gradient_checkpointing):
                 net.train()
                 if cfg.sample_prompts and global_step == 0 and (cfg.sample_every_n_steps or
                                                                 cfg.sample_every_n_epochs):
