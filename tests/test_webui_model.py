@@ -349,3 +349,23 @@ def test_sdxl_mechanics():
     assert weights_checksum(sd) == before
     with pytest.raises(ConfigError):
         m.encode_prompts(["a"], sizes=sizes)
+
+
+def test_half_base_weights_train_an_fp32_lora_under_the_callers_autocast(tmp_path):
+    """bf16 UNet/text weights (GroupNorm/LayerNorm kept fp32, as the WebUI's upcast does; CPU autocast does not
+    upcast group_norm the way CUDA autocast does), fp32 LoRA, autocast passed by the caller."""
+    from lib_lora.model.headless import _norms_to_fp32
+
+    sd = make_webui_sd1()
+    sd.cond_stage_model.to(torch.bfloat16)
+    sd.model.to(torch.bfloat16)
+    _norms_to_fp32(sd.model)
+    before = weights_checksum(sd)
+    m = WebUIModel(sd, autocast=lambda: torch.autocast("cpu", torch.bfloat16))
+    assert m.dtype == torch.bfloat16 and m.vae_dtype == torch.float32
+    with training_session(sd):
+        Trainer(_config(_dataset(tmp_path / "data"), tmp_path / "out", mixed_precision="bf16"), m).run()
+    assert weights_checksum(sd) == before
+    tensors, _ = load_lora_file(sorted((tmp_path / "out").glob("w*.safetensors"))[-1])
+    assert {v.dtype for v in tensors.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in tensors.values())
