@@ -185,11 +185,13 @@ def basic_auth_dependency(api_auth: str | None):
     from secrets import compare_digest
 
     from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
     credentials = parse_api_auth(api_auth)
 
-    def auth(creds: HTTPBasicCredentials = Depends(HTTPBasic())):
+    # No annotation on purpose: with postponed annotations FastAPI could not resolve a local type name; the
+    # HTTPBasic dependency hands over an HTTPBasicCredentials (username, password) either way.
+    def auth(creds=Depends(HTTPBasic())):
         if creds.username in credentials and compare_digest(creds.password, credentials[creds.username]):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password",
