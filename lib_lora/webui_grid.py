@@ -42,8 +42,9 @@ __all__ = [
 
 
 def list_runs(lora_dir: str | os.PathLike[str]) -> dict[str, Run]:
-    """Every run in ``lora_dir`` and its sub-folders (hidden folders skipped), keyed ``"name"`` at the top and
-    ``"sub/dir/name"`` below, sorted. An absent folder gives ``{}``."""
+    """Every run in ``lora_dir`` and its sub-folders (hidden folders skipped), keyed ``"name"`` at the top,
+    ``"sub/dir/name"`` below, and ``"sub/name"`` for a run in a folder of its own name (the trainer writes
+    ``<Lora>/<subdir>/<name>/``); sorted. An absent folder gives ``{}``."""
     base = Path(os.fspath(lora_dir))
     if not base.is_dir():
         return {}
@@ -52,7 +53,13 @@ def list_runs(lora_dir: str | os.PathLike[str]) -> dict[str, Run]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(base)
         for name, run in group_runs(folder).items():
-            out[name if rel == Path(".") else f"{rel.as_posix()}/{name}"] = run
+            if rel == Path("."):
+                key = name
+            elif rel.name == name:  # <Lora>/<subdir>/<name>/<name>-000001.safetensors (the trainer's layout)
+                key = rel.as_posix()
+            else:
+                key = f"{rel.as_posix()}/{name}"
+            out[key] = run
     return dict(sorted(out.items()))
 
 
@@ -181,10 +188,11 @@ def apply_checkpoint_axis(p, x: str, xs: Sequence[str], default_weight: float = 
 
 def apply_weight_axis(p, x: float, xs: Sequence[float]) -> None:
     """"LoRA weight" axis: sets the weight of the LoRA of this cell. With the "LoRA checkpoint" axis it rewrites
-    that axis' tag; alone, it sets both multipliers of the one ``<lora:...>`` tag of the prompt (the user's own).
+    that axis' tag (or, applied first, leaves the weight for it); alone, it sets both multipliers of the one
+    ``<lora:...>`` tag of the prompt (the user's own).
 
     Raises:
-        ConfigError: no checkpoint axis and not exactly one LoRA tag in the prompt (the message says so).
+        ConfigError: no checkpoint axis and more than one LoRA tag in the prompt (the message says so).
     """
     w = float(x)
     setattr(p, _AXIS_WEIGHT, w)
@@ -193,8 +201,10 @@ def apply_weight_axis(p, x: float, xs: Sequence[float]) -> None:
         _set_axis_tag(p, name, w)
         return
     tags = parse_lora_tags(p.prompt)
+    if not tags:  # the "LoRA checkpoint" axis comes next in this cell and adds the tag with this weight
+        return
     if len(tags) != 1:
-        raise ConfigError(f"'LoRA weight' axis: the prompt must hold exactly one <lora:...> tag (found {len(tags)}) "
+        raise ConfigError(f"'LoRA weight' axis: the prompt holds {len(tags)} <lora:...> tags, not one, "
                           "or use the 'LoRA checkpoint' axis too")
     t = tags[0]
     new = format_lora_tag(t.name, w, dyn=t.dyn, kind=t.kind if t.kind in LORA_KINDS else "lora")
