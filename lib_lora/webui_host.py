@@ -27,6 +27,8 @@ from typing import Any
 OPT_DATASET_ROOTS = "lib_lora_dataset_roots"
 OPT_OUTPUT_SUBDIR = "lib_lora_output_subdir"
 OPT_TENSORBOARD = "lib_lora_tensorboard"
+#: Local open_clip weights for the grid Script's scores, "ARCH:FILE" (see lib_lora.scoring); never downloaded.
+OPT_CLIP_MODEL = "lib_lora_clip_model_path"
 #: Settings section (id, label).
 SETTINGS_SECTION = ("lib_lora", "LoRA Trainer")
 #: Defaults of the settings above.

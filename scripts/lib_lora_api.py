@@ -32,7 +32,7 @@ def make_host():
 
 
 def on_ui_settings():
-    """Settings > LoRA Trainer: allowed dataset roots, output sub-folder, TensorBoard on/off."""
+    """Settings > LoRA Trainer: allowed dataset roots, output sub-folder, TensorBoard on/off, the grid's CLIP file."""
     section = webui_host.SETTINGS_SECTION
     shared.opts.add_option(webui_host.OPT_DATASET_ROOTS, shared.OptionInfo(
         webui_host.DEFAULT_DATASET_ROOTS, "Allowed dataset folders for the API (besides the WebUI data folder)",
@@ -42,6 +42,9 @@ def on_ui_settings():
         section=section))
     shared.opts.add_option(webui_host.OPT_TENSORBOARD, shared.OptionInfo(
         webui_host.DEFAULT_TENSORBOARD, "Show the TensorBoard command for training logs", section=section))
+    shared.opts.add_option(webui_host.OPT_CLIP_MODEL, shared.OptionInfo(
+        "", "CLIP model for scoring grid cells when the interrogator's CLIP is not loaded", section=section).info(
+        "local file as ARCH:FILE, e.g. ViT-L-14:/models/clip/ViT-L-14.pt; never downloaded"))
 
 
 def on_app_started(demo, app):
