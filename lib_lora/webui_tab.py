@@ -772,7 +772,8 @@ def checkpoint_rows(status: Mapping[str, Any] | None) -> list[list[Any]]:
 
 
 def loss_chart(history: Mapping[str, Sequence[float]] | None, width: int = 760, height: int = 420) -> Any:
-    """The live chart: loss and smoothed loss over steps on top, the learning rate below (own scale), drawn with
+    """The live chart: loss and smoothed loss over steps on top, the learning rate below (own scale, shown in units of
+    its power of ten, e.g. "x 1e-4"), drawn with
     :func:`lib_lora.plots.loss_plot`. Returns a PIL image, or None before the first logged step."""
     from PIL import Image
 
@@ -790,7 +791,12 @@ def loss_chart(history: Mapping[str, Sequence[float]] | None, width: int = 760, 
 
     top_h = int(height * 0.62)
     top = loss_plot(steps, {"loss": series("loss"), "smoothed": series("avg_loss")}, width, top_h, "training loss")
-    bottom = loss_plot(steps, {"lr": series("lr")}, width, height - top_h, "learning rate")
+    lr = series("lr")
+    finite = [abs(v) for v in lr if math.isfinite(v) and v != 0]
+    exponent = math.floor(math.log10(max(finite))) if finite else 0
+    scaled = [v / 10.0**exponent for v in lr]  # the plot pads a flat line by +-0.5: keep values near 1
+    title = f"learning rate (x 1e{exponent})" if exponent else "learning rate"
+    bottom = loss_plot(steps, {"lr": scaled}, width, height - top_h, title)
     img = Image.new("RGB", (width, height), "white")
     img.paste(top, (0, 0))
     img.paste(bottom, (0, top_h))

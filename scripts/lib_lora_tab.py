@@ -125,8 +125,8 @@ def _widget(spec: wt.FieldSpec):
 
 
 def _df(headers: list[str], eid: str, label: str):
-    return gr.Dataframe(headers=headers, value=[], label=label, interactive=False, wrap=True, elem_id=eid,
-                        elem_classes=["lib_lora_table"])
+    return gr.Dataframe(headers=headers, value=_rows([], headers), label=label, interactive=False, wrap=True,
+                        elem_id=eid, elem_classes=["lib_lora_table"])
 
 
 def _rows(rows: list, headers: list[str]):
@@ -386,12 +386,15 @@ def build_tab():
             changed = new_key != key
             chart_value = wt.loss_chart(history) if changed else upd()
             samples_value = list(status.get("samples") or []) if changed else upd()
+            runs_value = upd()
+            if changed and state in wt.FINAL_STATES and status.get("job_id"):  # a run ended: list its files
+                runs_value = _rows(wt.run_rows(_make_host().lora_dir), wt.RUN_HEADERS)
             return (wt.status_markdown(status), chart_value, samples_value, wt.tensorboard_markdown(status),
                     _rows(wt.checkpoint_rows(status), wt.CHECKPOINT_HEADERS), _notice_html(_support_message()),
-                    state, new_key)
+                    state, new_key, runs_value)
 
-        refresh_btn.click(wt.guard(refresh, 8, upd), [last_key],
-                          [status_md, chart, samples, tb_md, ckpt_df, notice, job_state, last_key],
+        refresh_btn.click(wt.guard(refresh, 9, upd), [last_key],
+                          [status_md, chart, samples, tb_md, ckpt_df, notice, job_state, last_key, runs_df],
                           show_progress=False)
 
         def list_runs():

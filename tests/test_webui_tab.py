@@ -398,6 +398,7 @@ def test_training_through_the_start_button(webui_sd1, dog_set, torch_single_thre
     assert "step 4 / 4" in done["lib_lora_status"]
     assert done["lib_lora_loss_chart"] is not None and done["lib_lora_loss_chart"].size[0] > 100
     assert "tensorboard --logdir" in done["lib_lora_tensorboard"]
+    assert done["lib_lora_runs"][0][0] == "tabdog"
     files = sorted(p.name for p in webui_sd1.lora_dir.rglob("*.safetensors"))
     assert "tabdog.safetensors" in files and "tabdog-step00000002.safetensors" in files
     assert any(r[0] == "tabdog-step00000002.safetensors" for r in done["lib_lora_checkpoints"])
