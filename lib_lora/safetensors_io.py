@@ -484,6 +484,21 @@ def _name_of(source: Any) -> str:
     return getattr(source, "name", None) or "<in-memory data>"
 
 
+def torch_load_weights_only(path: str | os.PathLike, map_location: torch.device | str | None = "cpu"):
+    """``torch.load(path, map_location, weights_only=True)``: tensors, numbers, strings and containers only, no
+    arbitrary unpickling.
+
+    Calls ``torch.serialization.load`` rather than ``torch.load``: inside the WebUI ``torch.load`` is replaced by
+    ``modules/safe.py`` ``load``, whose allow-list check rejects the ``.format_version`` / ``.storage_alignment``
+    entries that current torch writes and then returns None instead of raising. ``weights_only=True`` is the same
+    protection, done by torch itself.
+
+    Raises:
+        whatever ``torch.serialization.load`` raises (FileNotFoundError, pickle.UnpicklingError, RuntimeError).
+    """
+    return torch.serialization.load(os.fspath(path), map_location=map_location, weights_only=True)
+
+
 def load_lora_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA file into CPU tensors and its metadata.
 
@@ -515,7 +530,7 @@ def load_lora_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
         return state_dict, metadata
     if suffix in (".ckpt", ".pt"):
         try:
-            obj = torch.load(os.fspath(p), map_location="cpu", weights_only=True)
+            obj = torch_load_weights_only(p)
         except FileNotFoundError as exc:
             raise FormatError(f"{p.name}: no such file ({p})") from exc
         except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...

@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 
 from .errors import TrainingError
+from .safetensors_io import torch_load_weights_only
 
 STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "extra.pt", "rng.pt", "train_state.json")
 STATE_VERSION = 1
@@ -128,10 +129,10 @@ def load_state(folder: str | os.PathLike, device: torch.device | str = "cpu") ->
     try:
         return {
             "network": safetensors.torch.load_file(str(p / "network.safetensors")),
-            "optimizer": torch.load(p / "optimizer.pt", map_location=device, weights_only=True),
-            "scheduler": torch.load(p / "scheduler.pt", weights_only=True),
-            "extra": torch.load(p / "extra.pt", weights_only=True),
-            "rng": torch.load(p / "rng.pt", weights_only=True),
+            "optimizer": torch_load_weights_only(p / "optimizer.pt", map_location=device),
+            "scheduler": torch_load_weights_only(p / "scheduler.pt", map_location=None),
+            "extra": torch_load_weights_only(p / "extra.pt", map_location=None),
+            "rng": torch_load_weights_only(p / "rng.pt", map_location=None),
             "train_state": json.loads((p / "train_state.json").read_text(encoding="utf-8")),
         }
     except Exception as exc:  # noqa: BLE001 - any unreadable part makes the state unusable (weights_only refuses code)

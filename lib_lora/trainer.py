@@ -424,15 +424,18 @@ class Trainer:
 
                         done = global_step >= total_steps
                         stem = checkpoint_name(cfg.output_name, step=global_step)
+                        # Samples first, so that a checkpoint saved at this step gets this step's preview.
+                        if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
+                            self._samples(out_dir, global_step)
+                        # Epochs completed so far, counting this one when its last batch was just done.
+                        epochs_done_now = epoch + (1 if step_in_epoch >= len(dataset) else 0)
                         if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and not done:
-                            self._save(out_dir, stem, global_step, epoch, log, net, keep=True)
+                            self._save(out_dir, stem, global_step, epochs_done_now, log, net, keep=True)
                             if cfg.save_state:
                                 state_dir = self._write_state(out_dir / f"{stem}-state", *state_parts,
                                                               global_step, epoch, step_in_epoch)
                         elif self.commands.take_save_request():
-                            self._save(out_dir, stem, global_step, epoch, log, net, keep=False)
-                        if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
-                            self._samples(out_dir, global_step)
+                            self._save(out_dir, stem, global_step, epochs_done_now, log, net, keep=False)
                         if any(ev.kind == "early_stop" for ev in events):
                             status, message = "early_stopped", events[-1].message
                         elif self.commands.stop_requested and step_in_epoch < len(dataset):
@@ -445,14 +448,14 @@ class Trainer:
                         if self.callbacks.on_epoch_end:
                             self.callbacks.on_epoch_end(epoch, global_step)
                         last = epoch >= num_epochs or global_step >= total_steps
+                        if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+                            self._samples(out_dir, global_step)
                         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and not last:
                             stem = checkpoint_name(cfg.output_name, epoch=epoch)
                             self._save(out_dir, stem, global_step, epoch, log, net, keep=True)
                             if cfg.save_state:
                                 state_dir = self._write_state(out_dir / f"{stem}-state", *state_parts,
                                                               global_step, epoch, 0)
-                        if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-                            self._samples(out_dir, global_step)
                         if self.commands.stop_requested and not last and status == "completed":
                             status = "stopped"
                     if status != "completed" or epoch >= num_epochs or global_step >= total_steps:

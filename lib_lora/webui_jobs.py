@@ -24,6 +24,7 @@ optimizations), ``textual_inversion.py`` (``shared.state`` use), ``modules/call_
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import threading
 import uuid
@@ -108,6 +109,9 @@ class _Job:
         self.result = None
 
     def message(self, text: str) -> None:
+        # Resume states are moved out of the Lora folder after each save: name the folder they end up in.
+        pattern = re.escape(str(self.out_dir)) + r"[/\\]([^/\\\s]+-state)"
+        text = re.sub(pattern, lambda m: str(self.states_dir / m.group(1)), text)
         self.messages.append(text)
         del self.messages[:-MAX_MESSAGES]
 
@@ -201,6 +205,10 @@ class TrainingJobs:
             raise ConfigError(f"a training config must be a dict or TrainConfig, got {type(config).__name__}")
         name = sanitize_output_name(cfg.output_name)
         out_dir = self.output_dir_for(name)
+        existing = sorted(p.name for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else []
+        if existing and not cfg.resume:
+            raise ConfigError(f"a run named {name!r} already exists ({len(existing)} LoRA files in {out_dir}); "
+                              "choose another output_name, move or delete that folder, or resume it")
         cfg = cfg.replace(output_name=name, output_dir=str(out_dir), logging_dir=str(out_dir / "logs"),
                           device="auto")
         cfg.validate()
@@ -367,7 +375,6 @@ class TrainingJobs:
         job.result = result
         job.log_dir = result.log_dir
         job.state = "finished" if result.status in ("completed", "early_stopped") else "stopped"
-        job.message(result.message)
 
     # ------------------------------------------------------------------------------------------- outputs
     def _copy_preview(self, job: _Job, lora_path: Path) -> None:

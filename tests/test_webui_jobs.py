@@ -152,6 +152,16 @@ def test_stop_while_running_keeps_a_checkpoint(webui_sd1, tmp_path):
     status = jobs.wait(300)
     assert status["state"] == "stopped" and 1 <= status["step"] < 200
     assert status["last_checkpoint"] and Path(status["last_checkpoint"]).is_file()
+    # The resume path named in the messages is where the state was moved to (out of the Lora folder), once.
+    resume_lines = [m for m in status["messages"] if "resume=" in m]
+    assert len(resume_lines) == 1 and len([m for m in status["messages"] if "stopped at step" in m]) == 1
+    state_dir = resume_lines[0].split("resume=")[1].split()[0]
+    assert Path(state_dir).is_dir() and webui.lora_dir not in Path(state_dir).parents
+    # A second run under the same name would overwrite it: refused, unless it resumes.
+    with pytest.raises(ConfigError, match="already exists"):
+        jobs.start(tiny_config(make_dataset(tmp_path / "data2")))
+    jobs.start(tiny_config(tmp_path / "data", max_train_steps=status["step"] + 1, resume=state_dir))
+    assert jobs.wait(300)["state"] == "finished"
 
 
 def test_refusals(webui, tmp_path):
