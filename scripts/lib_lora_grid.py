@@ -151,6 +151,8 @@ class Script(scripts.Script):
         processing.fix_seed(p)
         sr = mode == MODES[1] or str(mode).lower().startswith(("prompt s/r", "sr"))
         run = list_runs(_lora_dir()).get(run_name) if run_name else None
+        if sr and run is not None and f"<lora:{run.name}" not in (p.prompt or ""):
+            run = None  # the S/R prompt names other files: the Run dropdown's trigger words don't belong to them
         files = find_lora_files(_lora_dir())
         seed_list = _seeds(seeds, p)
         trigger = _trigger_words(run) if add_trigger else None
@@ -162,16 +164,17 @@ class Script(scripts.Script):
         else:
             if run is None:
                 raise ConfigError(f"no run {run_name!r} in the Lora folder {_lora_dir()!r}")
-            chosen = [f for f in run.files if not checkpoints or f.stem in checkpoints]
-            if not chosen:
-                raise ConfigError(f"none of {checkpoints} is a checkpoint of run {run.name!r}")
-            plan = plan_grid([str(f.path) for f in chosen], weights, p.prompt, "plain", seeds=seed_list,
+            by_stem = {f.stem: f.path for f in run.files}
+            wanted = list(checkpoints) if checkpoints else list(by_stem)
+            # A requested checkpoint that is not (or no longer) there gets a marked column, not silence.
+            paths = [by_stem.get(stem) or run.folder / f"{stem}.safetensors" for stem in wanted]
+            plan = plan_grid([str(x) for x in paths], weights, p.prompt, "plain", seeds=seed_list,
                              baseline=baseline, trigger_words=trigger, negative_prompt=p.negative_prompt,
                              part=part, other_weight=float(other_weight))
-            col_files = {f.stem: f.path for f in chosen}
+            col_files = {stem: by_stem.get(stem) for stem in wanted}
 
         messages: list[str] = []
-        fmt = str(images.opt("grid_format"))
+        fmt = str(getattr(shared.opts, "grid_format", "png"))
         label_w, label_h = annotation_band(p.width, p.height, plan.col_labels, plan.row_labels) if draw_legend \
             else (0, 0)
         max_mp = getattr(shared.opts, "img_max_size_mp", 200)  # megapixels, as xyz_grid's limit
@@ -237,6 +240,12 @@ class Script(scripts.Script):
         pg.extra_generation_params.update(infotext_params(
             run.name if run else "", "S/R" if sr else "plain", list(plan.checkpoints), list(plan.weights),
             list(plan.seeds), plan.baseline, part))
+        if scores is not None and scores.best is not None:
+            b = scores.best
+            pg.extra_generation_params["LoRA grid best"] = f"{b.checkpoint} at {b.weight:g} ({b.combined:.3f})"
+        if messages:
+            # p.comments reach the UI only; the infotext reaches API clients and the saved PNG as well.
+            pg.extra_generation_params["LoRA grid note"] = " | ".join(m.replace("\n", " ") for m in messages)
         grids, grid_infos, grid_seeds, grid_prompts = [], [], [], []
         for page, seed in enumerate(plan.seeds):
             grid_info = processing.create_infotext(pg, [first.prompt], [seed], [p.subseed],
@@ -258,7 +267,7 @@ class Script(scripts.Script):
                     hor = [[images.GridAnnotation(plan.col_labels[c])] for c in sheet.cols]
                     ver = [[images.GridAnnotation(plan.row_labels[r])] for r in sheet.rows]
                     grid = images.draw_grid_annotations(grid, p.width, p.height, hor, ver)
-                if images.opt("grid_save"):
+                if getattr(shared.opts, "grid_save", True):
                     images.save_image(grid, p.outpath_grids, "lora_grid", seed, first.prompt, decision.fmt,
                                       info=grid_info, grid=True, p=p)
                 grids.append(grid)
@@ -276,6 +285,7 @@ class Script(scripts.Script):
             p.comments = {}
         for m in messages:
             p.comments[m] = 1
+            print(f"[lib_lora grid] {m}")
         comments = "\n".join(messages)
         return processing.Processed(
             p, grids + [made[k] for k in order], seed_list[0], grid_infos[0],

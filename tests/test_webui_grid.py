@@ -195,6 +195,8 @@ def test_scoring_marks_best_and_applies(grid, tmp_path):
     proc = script.run(p, f"lib_lora/{RUN}", [], "0.5", score=True)
     assert "No scores" in proc.comments and "lib_lora_clip_model_path" in proc.comments
     assert proc.index_of_first_image == 1
+    # API clients see no comments (the WebUI's Processed.js() has none): the note is in the grid's infotext.
+    assert "LoRA grid note:" in proc.infotexts[0] and "No scores" in proc.infotexts[0]
 
 
 def test_size_guard_splits_pages(grid):
@@ -252,3 +254,26 @@ def test_xyz_axes_registered_with_current_axis_option(grid):
     # registering twice (Reload UI) does not double the axes
     webui.modules["script_callbacks"].before_ui_callback()
     assert [o.label for o in xyz.axis_options].count("LoRA weight") == 1
+
+
+def test_requested_checkpoint_that_is_gone_gets_a_marked_column(grid):
+    webui, mod, script, p = grid
+    from modules import processing
+
+    proc = script.run(p, f"lib_lora/{RUN}", [STEMS[0], f"{RUN}-000009"], "0.5", add_trigger=False)
+    assert len(processing.process_calls) == 1  # only the existing checkpoint is generated
+    assert proc.images[0].size[0] > 2 * 64  # two columns (plus the label band)
+    assert f"{RUN}-000009" in proc.infotexts[0]
+
+
+def test_sr_mode_ignores_the_run_dropdown_for_other_files(grid):
+    webui, mod, script, p = grid
+    from modules import processing
+
+    other = webui.lora_dir / "other-000001.safetensors"
+    _fake_lora(other, 5)
+    p.prompt = "a photo <lora:other-NUM:STRENGTH>"
+    proc = script.run(p, f"lib_lora/{RUN}", [], "STRENGTH,0.5", mode=mod.MODES[1], sr_values="NUM,000001")
+    (call,) = processing.process_calls
+    assert call.prompt == "a photo <lora:other-000001:0.5>"  # no "sks dog" from the dropdown's run
+    assert f"LoRA grid run: lib_lora/{RUN}" not in proc.infotexts[0]

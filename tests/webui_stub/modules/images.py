@@ -35,8 +35,9 @@ invalid_filename_postfix = ' .'
 max_filename_part_length = 128
 
 
-def opt(key):
-    """``shared.opts.<key>`` when registered, else the WebUI's default (not in the real module)."""
+def _opt(key):
+    """``shared.opts.<key>`` when registered, else the WebUI's default. Private to this stand-in: the real
+    ``modules.images`` has no such helper, so code under test must read ``shared.opts`` itself."""
     opts = shared.opts
     if opts is not None and (key in opts.data or key in opts.data_labels):
         return getattr(opts, key)
@@ -45,7 +46,7 @@ def opt(key):
 
 def get_font(fontsize: int):
     """Mirrors ``images.get_font`` (DejaVuSans instead of Roboto)."""
-    for name in (opt("font"), "DejaVuSans.ttf"):
+    for name in (_opt("font"), "DejaVuSans.ttf"):
         try:
             return ImageFont.truetype(name, fontsize)
         except Exception:
@@ -56,11 +57,11 @@ def get_font(fontsize: int):
 def image_grid(imgs, batch_size=1, rows=None):
     """Mirrors ``images.image_grid``: ``cols = ceil(len / rows)``, cells pasted row by row, centred."""
     if rows is None:
-        if opt("n_rows") > 0:
-            rows = opt("n_rows")
-        elif opt("n_rows") == 0:
+        if _opt("n_rows") > 0:
+            rows = _opt("n_rows")
+        elif _opt("n_rows") == 0:
             rows = batch_size
-        elif opt("grid_prevent_empty_spots"):
+        elif _opt("grid_prevent_empty_spots"):
             rows = math.floor(math.sqrt(len(imgs)))
             while len(imgs) % rows != 0:
                 rows -= 1
@@ -76,7 +77,7 @@ def image_grid(imgs, batch_size=1, rows=None):
     script_callbacks.image_grid_callback(params)
 
     w, h = map(max, zip(*(img.size for img in imgs)))
-    grid_background_color = ImageColor.getcolor(opt("grid_background_color"), 'RGB')
+    grid_background_color = ImageColor.getcolor(_opt("grid_background_color"), 'RGB')
     grid = Image.new('RGB', size=(params.cols * w, params.rows * h), color=grid_background_color)
 
     for i, img in enumerate(params.imgs):
@@ -99,9 +100,9 @@ class GridAnnotation:
 def draw_grid_annotations(im, width, height, hor_texts, ver_texts, margin=0):
     """Mirrors ``images.draw_grid_annotations``: a band of column texts on top (``pad_top``), row texts on the
     left (``pad_left = width * 3 // 4`` when any), font size ``(width + height) // 25``."""
-    color_active = ImageColor.getcolor(opt("grid_text_active_color"), 'RGB')
-    color_inactive = ImageColor.getcolor(opt("grid_text_inactive_color"), 'RGB')
-    color_background = ImageColor.getcolor(opt("grid_background_color"), 'RGB')
+    color_active = ImageColor.getcolor(_opt("grid_text_active_color"), 'RGB')
+    color_inactive = ImageColor.getcolor(_opt("grid_text_inactive_color"), 'RGB')
+    color_background = ImageColor.getcolor(_opt("grid_background_color"), 'RGB')
 
     def wrap(drawing, text, font, line_length):
         lines = ['']
@@ -230,20 +231,20 @@ def save_image_with_geninfo(image, geninfo, filename, extension=None, existing_p
 
     if extension.lower() == '.png':
         existing_pnginfo = existing_pnginfo or {}
-        if opt("enable_pnginfo"):
+        if _opt("enable_pnginfo"):
             existing_pnginfo[pnginfo_section_name] = geninfo
             pnginfo_data = PngImagePlugin.PngInfo()
             for k, v in (existing_pnginfo or {}).items():
                 pnginfo_data.add_text(k, str(v))
         else:
             pnginfo_data = None
-        image.save(filename, format=image_format, quality=opt("jpeg_quality"), pnginfo=pnginfo_data)
+        image.save(filename, format=image_format, quality=_opt("jpeg_quality"), pnginfo=pnginfo_data)
     elif extension.lower() in (".jpg", ".jpeg", ".webp"):
         if image.mode == 'RGBA':
             image = image.convert("RGB")
-        image.save(filename, format=image_format, quality=opt("jpeg_quality"), lossless=opt("webp_lossless"))
+        image.save(filename, format=image_format, quality=_opt("jpeg_quality"), lossless=_opt("webp_lossless"))
     else:
-        image.save(filename, format=image_format, quality=opt("jpeg_quality"))
+        image.save(filename, format=image_format, quality=_opt("jpeg_quality"))
 
 
 def save_image(image, path, basename, seed=None, prompt=None, extension='png', info=None, short_filename=False,
@@ -266,7 +267,7 @@ def save_image(image, path, basename, seed=None, prompt=None, extension='png', i
         else:
             file_decoration = f"{seed}-{sanitize_filename_part(prompt or '')[:64]}" if prompt else f"{seed}"
         file_decoration = file_decoration + suffix
-        add_number = opt("save_images_add_number") or file_decoration == ''
+        add_number = _opt("save_images_add_number") or file_decoration == ''
         if file_decoration != "" and add_number:
             file_decoration = f"-{file_decoration}"
         if add_number:

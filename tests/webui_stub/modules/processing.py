@@ -312,9 +312,9 @@ def process_images(p: StableDiffusionProcessing) -> Processed:
             break
         image = _render(p, p.all_prompts[i], p.all_negative_prompts[i], p.all_seeds[i], lora_data, files)
         info = create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, index=i)
-        if images.opt("samples_save") and not p.do_not_save_samples and p.outpath_samples:
+        if images._opt("samples_save") and not p.do_not_save_samples and p.outpath_samples:
             images.save_image(image, p.outpath_samples, "", p.all_seeds[i], p.all_prompts[i],
-                              images.opt("samples_format"), info=info, p=p)
+                              images._opt("samples_format"), info=info, p=p)
         output.append(image)
         infotexts.append(info)
         shared.state.job_no = getattr(shared.state, "job_no", 0) + 1
