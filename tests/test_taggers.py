@@ -119,32 +119,32 @@ def test_wd14_missing_files_and_runtime_messages(tmp_path):
         assert cli_main(["autotag", str(tmp_path), "--wd14", str(tmp_path / "TaggerOnnx")]) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
-                    reason="onnxruntime and onnx are not installed")
-def test_wd14_tagger_runs_a_tiny_onnx_model(tmp_path, folder):
-    """Proves (only where onnxruntime and onnx are installed) the tagger end to end on a tiny ONNX model built
-    here: scores = sigmoid of the mean of the B, G, R channels scaled, so a red image gets the third tag only."""
-    import onnx
-    from onnx import TensorProto, helper
+WD14_TINY = Path(__file__).parent / "data" / "wd14-tiny"
 
-    model_dir = tmp_path / "wd"
-    model_dir.mkdir()
-    w = np.diag([0.1, 0.1, 0.1]).astype(np.float32)  # scores = sigmoid(0.1 * channel mean - 10)
-    nodes = [
-        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
-        helper.make_node("MatMul", ["m", "w"], ["s"]),
-        helper.make_node("Add", ["s", "b"], ["z"]),
-        helper.make_node("Sigmoid", ["z"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], w.ravel().tolist()),
-         helper.make_tensor("b", TensorProto.FLOAT, [3], [-10.0, -10.0, -10.0])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.save(model, model_dir / "model.onnx")
-    (model_dir / "selected_tags.csv").write_text(
-        "tag_id,name,category,count\n1,blue_tint,0,1\n2,green_tint,0,1\n3,red_tint,0,1\n", encoding="utf-8")
-    tagger = taggers.WD14Tagger(model_dir)
-    assert tagger.side == 8
-    assert list(tagger.tag(Image.new("RGB", (16, 16), (250, 0, 0)))) == ["red tint"]
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+def test_wd14_tagger_runs_a_tiny_onnx_model(tmp_path, folder):
+    """Proves the WD14 path end to end with the real onnxruntime on ``tests/data/wd14-tiny`` (a WD14-shaped model
+    of four logistic units on the mean colour, see its README): input side read from the model, underscores become
+    spaces, the rating is never written, the character threshold (0.85) is stricter than the general one (0.35),
+    and ``tag_folder`` writes the tags after the trigger word, skipping the captioned image."""
+    tagger = taggers.WD14Tagger(WD14_TINY)
+    assert tagger.side == 32 and tagger.input_name == "input_1"
+    red = tagger.tag(Image.new("RGB", (16, 16), (250, 0, 0)))
+    assert list(red) == ["red background"] and red["red background"] > 0.99
+    # A 40x20 red image is padded to a square with white: B and G means reach 0.5, sigmoid(0) = 0.5 >= 0.35.
+    assert set(tagger.tag(Image.new("RGB", (40, 20), (250, 0, 0)))) == {"red background", "blue background"}
+    assert "general" not in red  # rating category
+    green = tagger.tag(Image.new("RGB", (16, 16), (0, 250, 0)))
+    assert list(green) == ["green character"]  # sigmoid(10 * (0.98 - 0.5)) ~ 0.99 >= 0.85
+    strict = taggers.WD14Tagger(WD14_TINY, character_threshold=0.999)
+    assert strict.tag(Image.new("RGB", (16, 16), (0, 250, 0))) == {}
+
+    result = taggers.tag_folder(folder, tagger, mode="skip", trigger="sks")
+    assert (folder / "red.txt").read_text(encoding="utf-8").strip() == "sks, red background"
+    assert (folder / "green.txt").read_text(encoding="utf-8").strip() == "sks, green character"
+    assert (folder / "blue.txt").read_bytes().startswith("\ufeffsks, blue background, hat".encode())  # kept
+    assert len(result.written) == 2 and result.kept == [folder / "blue.png"] and not result.failed
+    # The command line on the same model: overwrite mode rewrites the blue caption from the image.
+    assert cli_main(["autotag", str(folder), "--wd14", str(WD14_TINY), "--mode", "overwrite"]) == 0
+    assert (folder / "blue.txt").read_text(encoding="utf-8-sig").splitlines()[0] == "blue background"
