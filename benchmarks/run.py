@@ -351,7 +351,7 @@ def grid_section(args, log) -> dict:
         ns = argparse.Namespace(run=None, files=files, weights=",".join(map(str, weights)), prompt=prompt,
                                 negative="", seed=[0], base="tiny-sd1", size=size, steps=steps, cfg_scale=7.0,
                                 part="both", other_weight=1.0, baseline=False, trigger=None, no_trigger=True,
-                                device="cpu", output=str(Path(tmp) / "grid.png"))
+                                device="cpu", output=str(Path(tmp) / "grid.png"), clip_model=None)
         n_cells = len(files) * len(weights)
         grid_t, plain_t = [], []
         import contextlib

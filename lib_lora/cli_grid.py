@@ -224,7 +224,8 @@ def render_run_grid(args: argparse.Namespace) -> dict:
                             "checkpoint": cell.checkpoint, "weight": cell.weight, "prompt": cell.prompt})
 
     marks = {(r, c): problems[c][0] for c in problems for r in range(plan.rows) if not (plan.baseline and r == 0)}
-    scoring = _score(args, plan, images, paths, by_name, trigger, output, marks) if args.clip_model else None
+    scoring = (_score(args, plan, images, paths, by_name, trigger, output, marks)
+               if getattr(args, "clip_model", None) else None)
     grids = []
     output.parent.mkdir(parents=True, exist_ok=True)
     for page, seed in enumerate(seeds):
