@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 #: Settings keys (registered by ``scripts/lib_lora_api.py`` with ``on_ui_settings``).
 OPT_DATASET_ROOTS = "lib_lora_dataset_roots"
 OPT_OUTPUT_SUBDIR = "lib_lora_output_subdir"
@@ -119,14 +121,18 @@ def undo_merged_lora(sd_model, networks) -> int:
     if networks is None or sd_model is None:
         return 0
     restored = 0
-    for module in sd_model.modules():
-        if getattr(module, "network_weights_backup", None) is None and \
-                getattr(module, "network_bias_backup", None) is None:
-            continue
-        if getattr(module, "network_current_names", ()) != ():
-            networks.network_restore_weights_from_backup(module)
-            restored += 1
-        module.network_current_names = ()
+    # The WebUI leaves UNet weights with requires_grad=True, and networks.network_restore_weights_from_backup does
+    # a plain ``param.copy_(backup)``: without no_grad that raises "a leaf Variable that requires grad is being
+    # used in an in-place operation" (seen in a real v1.10.1 after a txt2img with a LoRA).
+    with torch.no_grad():
+        for module in sd_model.modules():
+            if getattr(module, "network_weights_backup", None) is None and \
+                    getattr(module, "network_bias_backup", None) is None:
+                continue
+            if getattr(module, "network_current_names", ()) != ():
+                networks.network_restore_weights_from_backup(module)
+                restored += 1
+            module.network_current_names = ()
     return restored
 
 

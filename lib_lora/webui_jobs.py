@@ -23,6 +23,7 @@ optimizations), ``textual_inversion.py`` (``shared.state`` use), ``modules/call_
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -37,6 +38,8 @@ from .control import ProgressInfo, TrainCallbacks, TrainCommands
 from .errors import ConfigError, DatasetError, LoraError
 from .webui_api import output_path_inside, sanitize_output_name
 from .webui_host import WebUIHost
+
+logger = logging.getLogger("lib_lora")
 
 STATES = ("idle", "queued", "running", "stopping", "finished", "stopped", "failed")
 #: Kept in the status: the last messages and loss-history points.
@@ -313,6 +316,8 @@ class TrainingJobs:
                 job.state = "failed"
                 job.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, LoraError) else str(exc)
                 job.message(f"failed: {job.error}")
+                if not isinstance(exc, LoraError):  # an unexpected error: keep the traceback in the WebUI log
+                    logger.error("LoRA training job %s failed", job.job_id, exc_info=exc)
             finally:
                 try:
                     self._finish_files(job)

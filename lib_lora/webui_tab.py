@@ -519,7 +519,13 @@ class InterrogatorTagger:
             text = self.interrogate(self.kind, image)
         except Exception as e:  # noqa: BLE001 - any failure inside the WebUI becomes a per-image message
             raise DatasetError(f"{self.kind} interrogator failed: {type(e).__name__}: {e}") from e
-        tags = [normalise(t) for t in split_tags(str(text or ""))]
+        text = str(text or "").strip()
+        # The WebUI's interrogators report their own failures as text: BLIP returns "<error>" (modules/interrogate.py
+        # catches the exception), and a DeepBooru model that failed to load gives "" for every image.
+        if not text or text == "<error>":
+            raise DatasetError(f"{self.kind} interrogator gave {'no text' if not text else repr(text)} (its model "
+                               "may be missing or failed to load: see the WebUI console); caption not written")
+        tags = [normalise(t) for t in split_tags(text)]
         return {t: 1.0 for t in tags if t}
 
 

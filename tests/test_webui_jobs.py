@@ -210,6 +210,24 @@ def test_merged_lora_is_undone_before_training(webui_sd1):
     assert torch.equal(layer.weight, base) and layer.network_current_names == ()
 
 
+def test_training_after_a_generation_that_merged_a_lora(webui_sd1, tmp_path):
+    """The real-WebUI sequence "txt2img with <lora:x:1>, then Start training": the merged layer's weights require
+    grad (the WebUI never freezes the UNet), so restoring them must happen under no_grad; the run finishes and
+    the model ends with its base weights, checksum equal to the unmerged model's."""
+    from lib_lora.webui_model import weights_checksum
+
+    model = webui_sd1.shared.sd_model
+    layer = model.model.diffusion_model.input_blocks[1][1].proj_in
+    assert layer.weight.requires_grad
+    base_sum = weights_checksum(model)
+    webui_sd1.networks.merge_for_test(layer)
+    jobs = make_jobs(webui_sd1)
+    jobs.start(tiny_config(make_dataset(tmp_path / "data")))
+    status = jobs.wait(300)
+    assert status["state"] == "finished", status
+    assert weights_checksum(model) == base_sum
+
+
 def test_get_jobs_is_one_per_process(webui):
     w = webui.modules
 

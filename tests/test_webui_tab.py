@@ -170,6 +170,13 @@ def test_auto_caption_through_an_interrogator(dog_set):
     text = wt.auto_caption(str(dog_set), broken, "BLIP", "overwrite")
     assert "5 failed" in text and "model not loaded" in text
 
+    # What the real interrogators return when their model is missing offline: BLIP "<error>", DeepBooru "".
+    before = {p.name: p.read_bytes() for p in sub.glob("*.txt")}
+    for kind, answer in (("BLIP", "<error>"), ("DeepBooru", "")):
+        text = wt.auto_caption(str(dog_set), lambda k, im, a=answer: a, kind, "overwrite", "sks")
+        assert "5 failed" in text and "caption not written" in text, text
+    assert {p.name: p.read_bytes() for p in sub.glob("*.txt")} == before
+
 
 def test_tag_tools_and_editor(dog_set):
     freq = wt.tag_frequency_rows(str(dog_set))

@@ -44,22 +44,22 @@ def restore_weights_backup(obj, field, weight):
 def network_restore_weights_from_backup(self):
     """Mirrors ``networks.network_restore_weights_from_backup(module)``: puts back the weight (and bias) saved
     before a LoRA was merged; MultiheadAttention keeps (in_proj_weight, out_proj.weight). No backup = no-op.
-    Like the real one it does not clear the backup or ``network_current_names``."""
+    Like the real one it does not clear the backup or ``network_current_names``, and it runs no ``no_grad`` of
+    its own (``copy_`` into a parameter that requires grad raises unless the caller turned grad off)."""
     weights_backup = getattr(self, "network_weights_backup", None)
     bias_backup = getattr(self, "network_bias_backup", None)
     if weights_backup is None and bias_backup is None:
         return
-    with torch.no_grad():
-        if weights_backup is not None:
-            if isinstance(self, torch.nn.MultiheadAttention):
-                restore_weights_backup(self, 'in_proj_weight', weights_backup[0])
-                restore_weights_backup(self.out_proj, 'weight', weights_backup[1])
-            else:
-                restore_weights_backup(self, 'weight', weights_backup)
+    if weights_backup is not None:
         if isinstance(self, torch.nn.MultiheadAttention):
-            restore_weights_backup(self.out_proj, 'bias', bias_backup)
+            restore_weights_backup(self, 'in_proj_weight', weights_backup[0])
+            restore_weights_backup(self.out_proj, 'weight', weights_backup[1])
         else:
-            restore_weights_backup(self, 'bias', bias_backup)
+            restore_weights_backup(self, 'weight', weights_backup)
+    if isinstance(self, torch.nn.MultiheadAttention):
+        restore_weights_backup(self.out_proj, 'bias', bias_backup)
+    else:
+        restore_weights_backup(self, 'bias', bias_backup)
 
 
 def network_reset_cached_weight(self):
