@@ -18,7 +18,7 @@ class ProgressInfo:
         epoch: current epoch (1-based); total_epochs: epochs planned.
         loss: this step's loss; avg_loss: moving average (sd-scripts ``loss/average``); smoothed_loss: the EMA the
             plateau controller watches.
-        lr: learning rate of the first parameter group.
+        lr: learning rate of the UNet parameter group (of the text encoder when only it trains).
         it_per_s: optimizer steps per second over this session; eta_s: seconds left at that rate.
     """
 

@@ -76,13 +76,13 @@ PRESETS: dict[str, Preset] = {
             "SD1.5 character",
             "A person or character on SD1.5 at 512 px: 10 epochs (so the step count follows the dataset size), "
             "captions shuffled with the trigger word kept first (keep_tokens 1) so it binds the subject, no flips "
-            "(faces and hair partings are asymmetric), the text encoder at half the UNet rate, min-SNR 5 and a "
+            "(faces and hair partings are asymmetric), the text encoder at 5e-5 (half the default rate; Advanced > "
+            "text_encoder_lr), min-SNR 5 and a "
             "cosine schedule for a stable end of training.",
             {
                 **_DEFAULTS,
                 "max_train_steps": None,
                 "max_train_epochs": 10,
-                "unet_lr": 1e-4,
                 "text_encoder_lr": 5e-5,
                 "shuffle_caption": True,
                 "keep_tokens": 1,

@@ -419,8 +419,10 @@ class Trainer:
                         for ev in events:
                             log.event(global_step, ev.kind, ev.message)
                             self.callbacks.message(ev.message)
+                        # The UNet's rate is the one users set and watch ("learning rate"); the TE group comes first.
+                        main_lr = lrs[descs.index("unet")] if "unet" in descs else lrs[0]
                         self._progress(global_step, total_steps, epoch, num_epochs, loss, recorder, plateau,
-                                       lrs[0], started, steps_this_session)
+                                       main_lr, started, steps_this_session)
 
                         done = global_step >= total_steps
                         stem = checkpoint_name(cfg.output_name, step=global_step)
