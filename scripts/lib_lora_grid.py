@@ -45,6 +45,13 @@ def _lora_dir() -> str:
     return getattr(shared.cmd_opts, "lora_dir", "") or ""
 
 
+def _names_run(run, prompt: str | None, sr_values: str | None) -> bool:
+    """True when an S/R grid is about ``run``: its name follows ``<lora:`` in the prompt, or one of its file stems
+    is in the prompt or among the S/R checkpoint values."""
+    text = f"{prompt or ''}\n{sr_values or ''}"
+    return f"<lora:{run.name}" in text or any(stem in text for stem in run.stems)
+
+
 def _trigger_words(run) -> str | None:
     from lib_lora.sidecar import read_sidecar
 
@@ -111,8 +118,11 @@ class Script(scripts.Script):
 
         runs = list(list_runs(_lora_dir()))
         with gr.Row():
-            run = gr.Dropdown(label="Run", choices=runs, value=runs[0] if runs else None,
+            # Custom values: a run trained after the UI was built can be typed (or pasted from the trainer tab's
+            # "Send to grid") before the list is refreshed.
+            run = gr.Dropdown(label="Run", choices=runs, value=runs[0] if runs else None, allow_custom_value=True,
                               elem_id=self.elem_id("run"))
+            refresh = gr.Button(value="\U0001f504", elem_id=self.elem_id("refresh_runs"), scale=0, min_width=40)
             checkpoints = gr.Dropdown(label="Checkpoints (empty = all)", choices=[], multiselect=True,
                                       elem_id=self.elem_id("checkpoints"))
         with gr.Row():
@@ -140,7 +150,12 @@ class Script(scripts.Script):
             r = list_runs(_lora_dir()).get(run_name)
             return gr.update(choices=r.stems if r else [], value=[])
 
+        def refresh_runs(current):
+            names = list(list_runs(_lora_dir()))
+            return gr.update(choices=names, value=current if current in names else (names[-1] if names else None))
+
         run.change(stems, inputs=[run], outputs=[checkpoints])
+        refresh.click(refresh_runs, inputs=[run], outputs=[run])
         return [run, checkpoints, weights, mode, sr_values, placeholders, baseline, part, other_weight, seeds,
                 add_trigger, draw_legend, score, apply]
 
@@ -151,7 +166,7 @@ class Script(scripts.Script):
         processing.fix_seed(p)
         sr = mode == MODES[1] or str(mode).lower().startswith(("prompt s/r", "sr"))
         run = list_runs(_lora_dir()).get(run_name) if run_name else None
-        if sr and run is not None and f"<lora:{run.name}" not in (p.prompt or ""):
+        if sr and run is not None and not _names_run(run, p.prompt, sr_values):
             run = None  # the S/R prompt names other files: the Run dropdown's trigger words don't belong to them
         files = find_lora_files(_lora_dir())
         seed_list = _seeds(seeds, p)

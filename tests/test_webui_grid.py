@@ -277,3 +277,21 @@ def test_sr_mode_ignores_the_run_dropdown_for_other_files(grid):
     (call,) = processing.process_calls
     assert call.prompt == "a photo <lora:other-000001:0.5>"  # no "sks dog" from the dropdown's run
     assert f"LoRA grid run: lib_lora/{RUN}" not in proc.infotexts[0]
+
+
+def test_ui_builds_with_real_gradio_and_refreshes_runs(grid):
+    """The Script's ui() under real gradio 3.41.2: 14 inputs in run()'s order, a run typed by hand is accepted
+    (allow_custom_value), and the refresh button lists a run trained after the UI was built."""
+    import gradio as gr
+
+    webui, mod, script, p = grid
+    with gr.Blocks() as demo:
+        inputs = script.ui(False)
+    assert len(inputs) == 14 and isinstance(inputs[0], gr.Dropdown)
+    assert inputs[0].allow_custom_value and inputs[0].choices == [f"lib_lora/{RUN}"]
+    new_dir = webui.lora_dir / "lib_lora" / "later"
+    new_dir.mkdir(parents=True)
+    _fake_lora(new_dir / "later.safetensors", 9)
+    refresh = next(d.fn for d in demo.fns if d.fn is not None and d.fn.__name__ == "refresh_runs")
+    update = refresh("lib_lora/later")
+    assert set(update["choices"]) == {f"lib_lora/{RUN}", "lib_lora/later"} and update["value"] == "lib_lora/later"
