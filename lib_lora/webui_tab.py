@@ -845,8 +845,9 @@ def grid_hint(run_name: Any) -> str:
     name = str(run_name or "").strip()
     if not name:
         return "Pick a run in the table (or type its name) first."
-    return (f"Run `{name}`: in txt2img choose the Script **LoRA checkpoint x weight grid** and enter the run name "
-            f"`{name}` (it was copied to the clipboard when the browser allows it).")
+    return (f"Run `{name}`: in txt2img choose the Script **LoRA checkpoint x weight grid**, then pick or type "
+            f"`{name}` in its Run box (the refresh button next to it lists new runs; the name was copied to the "
+            "clipboard when the browser allows it).")
 
 
 # ---------------------------------------------------------------------------------------------------------------

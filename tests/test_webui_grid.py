@@ -107,7 +107,8 @@ def test_te_unet_part_weights(grid):
     webui, mod, script, p = grid
     from modules import processing
 
-    script.run(p, f"lib_lora/{RUN}", [RUN], "0.5", part="unet", other_weight=0.25, add_trigger=False)
+    # the bare run name (what the trainer tab's "Send to grid" gives) finds lib_lora/<name>
+    script.run(p, RUN, [RUN], "0.5", part="unet", other_weight=0.25, add_trigger=False)
     (call,) = processing.process_calls
     assert call.prompt.endswith(f"<lora:{RUN}:te=0.25:unet=0.5>")
 
