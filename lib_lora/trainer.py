@@ -477,7 +477,7 @@ class Trainer:
                     state_dir = self._write_state(out_dir / f"{stem}-state", *state_parts, global_step, epoch,
                                                   step_in_epoch)
                     message = (message + "; " if message else "") + \
-                        f"stopped at step {global_step} (epoch {epoch}); resume with resume={state_dir}"
+                        f"stopped at step {global_step} ({epoch} epoch(s) completed); resume with resume={state_dir}"
         except TrainingError as exc:
             log.event(global_step, "failed", str(exc))
             log.close()

@@ -77,10 +77,11 @@ def format_eta(seconds: float | None) -> str:
 
 
 def progress_text(info: ProgressInfo) -> str:
-    """The progress line shown by the WebUI's progress bar: ``"LoRA training: step 3/100, loss 0.1234, ETA 2m
-    05s"`` (loss = moving average)."""
+    """The progress line shown by the WebUI's progress bar: ``"LoRA training: step 3/100, loss 0.1234, 2.35 it/s"``
+    (loss = moving average). No ETA here: the bar adds its own (``modules/progress.py`` from job_no/job_count),
+    and two different ETAs side by side confuse; :meth:`TrainingJobs.status` has ours."""
     loss = info.avg_loss if info.avg_loss is not None and math.isfinite(info.avg_loss) else info.loss
-    return f"LoRA training: step {info.step}/{info.total}, loss {loss:.4f}, ETA {format_eta(info.eta_s)}"
+    return f"LoRA training: step {info.step}/{info.total}, loss {loss:.4f}, {info.it_per_s:.2f} it/s"
 
 
 def new_job_id() -> str:
