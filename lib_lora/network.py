@@ -340,7 +340,7 @@ class LoRANetwork(nn.Module):
                 alpha = parts.get("alpha")
                 alphas[t.name] = float(alpha.float().item()) if alpha is not None else None
         net = cls(found, ranks, alphas)
-        report = net.load_weights(state_dict)
+        report = net._load_checked(state_dict)  # checked above: the finite check is a pass over every tensor
         report.unknown_keys = sorted(set(report.unknown_keys) | set(unknown))
         loaded = set(report.loaded)
         for name in [n for n in net.names() if n not in loaded]:
@@ -495,6 +495,10 @@ class LoRANetwork(nn.Module):
             FormatError: a tensor holds NaN/Inf (the message names the key).
         """
         check_finite(state_dict)
+        return self._load_checked(state_dict)
+
+    def _load_checked(self, state_dict: dict[str, torch.Tensor]) -> LoadReport:
+        """:meth:`load_weights` after :func:`check_finite`."""
         modules, unknown = group_keys(state_dict)
         lookup = _name_lookup(list(self._targets.values()))
         report = LoadReport(unknown_keys=unknown)
