@@ -262,6 +262,9 @@ class TrainingJobs:
             job = _Job(job_id, cfg.replace(model=str(_model_name(sd_model))), Path(cfg.output_dir), states_dir,
                        bool(self.host.tensorboard_enabled()))
             job.message(f"queued: waiting for the WebUI to finish its current task; output {cfg.output_dir}")
+            # Known before the run starts: TensorBoard can be opened on it while training (each run of this name
+            # writes a time-stamped sub-folder there).
+            job.log_dir = cfg.logging_dir
             self._job = job
             self.host.queue_job(job_id)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"lib_lora {job_id}", daemon=True)
@@ -379,7 +382,6 @@ class TrainingJobs:
             trainer = Trainer(job.config, model, callbacks=callbacks, commands=job.commands, sampler=host.sampler)
             result = trainer.run()
         job.result = result
-        job.log_dir = result.log_dir
         job.state = "finished" if result.status in ("completed", "early_stopped") else "stopped"
 
     # ------------------------------------------------------------------------------------------- outputs

@@ -55,6 +55,9 @@ def test_short_run_writes_files_in_the_lora_folder(webui, kind, tmp_path):
     data = make_dataset(tmp_path / "data")
     job_id = jobs.start(tiny_config(data, sample_prompts=["sks dog"], sample_every_n_steps=2, sample_steps=2))
     assert job_id.startswith("task(lib_lora-")
+    # TensorBoard can be opened while the run goes: its folder is in the status from the start
+    logs = webui.lora_dir / "lib_lora" / "mydog" / "logs"
+    assert jobs.status()["tensorboard_command"] == f'tensorboard --logdir "{logs}"'
     status = jobs.wait(300)
     assert status["state"] == "finished", status
     out = webui.lora_dir / "lib_lora" / "mydog"
