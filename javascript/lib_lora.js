@@ -55,9 +55,11 @@ function lib_lora_start() {
     res[0] = id;
     var container = lib_lora_app().getElementById('lib_lora_progress');
     if (typeof requestProgress === 'function' && container) {
+        // inactivity timeout 10 s (the WebUI's default is 40): a refused Start (the job never gets queued) must not
+        // leave a "Waiting..." bar; an accepted job is queued at once, which keeps the bar.
         requestProgress(id, container, null, function() {
             lib_lora_click_refresh();
-        });
+        }, null, 10);
     }
     lib_lora_start_polling();
     return res;

@@ -112,14 +112,20 @@ class WebUIHost:
 
 def undo_merged_lora(sd_model, networks) -> int:
     """Puts back the base weights of every layer the built-in Lora extension merged a LoRA into (its "merge" mode
-    keeps a CPU backup in ``network_weights_backup``/``network_bias_backup``; see webui-internals 2.4), and clears
-    ``network_current_names`` so that the next generation re-applies the LoRAs it asks for.
+    keeps a CPU backup in ``network_weights_backup``/``network_bias_backup``; see webui-internals 2.4), clears
+    ``network_current_names`` and empties ``networks.loaded_networks`` (else the patched forwards re-merge the
+    last prompt's LoRAs during training), so that the next generation re-applies the LoRAs it asks for.
 
     Returns:
         how many layers were restored. Does nothing (0) when ``networks`` is None (Lora extension disabled).
     """
     if networks is None or sd_model is None:
         return 0
+    # The extension's patched forwards re-merge whatever ``loaded_networks`` holds on the next forward (ours
+    # included): empty it, so training sees base weights; the next generation loads what its prompt asks for.
+    loaded = getattr(networks, "loaded_networks", None)
+    if isinstance(loaded, list):
+        loaded.clear()
     restored = 0
     # The WebUI leaves UNet weights with requires_grad=True, and networks.network_restore_weights_from_backup does
     # a plain ``param.copy_(backup)``: without no_grad that raises "a leaf Variable that requires grad is being

@@ -900,7 +900,9 @@ def guard(fn: Callable[..., Any], n_outputs: int, no_change: Callable[[], Any], 
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every error becomes a message in the tab
-            log.warning("lib_lora tab: %s failed", getattr(fn, "__name__", "callback"), exc_info=True)
+            # An expected refusal (bad input, a busy job) is the user's message, not a bug: no traceback in the log.
+            log.warning("lib_lora tab: %s failed: %s", getattr(fn, "__name__", "callback"), exc,
+                        exc_info=not isinstance(exc, LoraError))
             msg = wrap_message(error_message(exc))
             if n_outputs == 1:
                 return msg

@@ -69,16 +69,52 @@ def network_reset_cached_weight(self):
     self.network_bias_backup = None
 
 
+class _LoadedNetwork:
+    """The fields of the real ``network.Network`` that ``network_apply_weights`` compares (name, multipliers, dyn)."""
+
+    def __init__(self, name, te_multiplier=1.0, unet_multiplier=1.0, dyn_dim=None, delta_scale=0.01):
+        self.name, self.te_multiplier, self.unet_multiplier = name, te_multiplier, unet_multiplier
+        self.dyn_dim = dyn_dim
+        self.delta_scale = delta_scale
+
+
+def _delta(module, scale):
+    pattern = torch.linspace(-1, 1, module.weight.numel(), dtype=torch.float32).reshape(module.weight.shape)
+    return (pattern * scale).to(module.weight.dtype)
+
+
+def network_apply_weights(self):
+    """Mirrors ``networks.network_apply_weights(self)``, which the real extension's class-level patches of
+    ``Linear.forward`` etc. call on every forward: when the names of ``loaded_networks`` differ from
+    ``network_current_names``, back up the weights (once), restore them, add every loaded network's delta (here a
+    fixed pattern, see :func:`merge_for_test`) and record the new names."""
+    wanted_names = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
+    current_names = getattr(self, "network_current_names", ())
+    if current_names == wanted_names:
+        return
+    if getattr(self, "network_weights_backup", None) is None and wanted_names != ():
+        self.network_weights_backup = store_weights_backup(self.weight)
+        self.network_bias_backup = store_weights_backup(getattr(self, "bias", None))
+    if current_names != ():
+        network_restore_weights_from_backup(self)
+    for net in loaded_networks:
+        with torch.no_grad():
+            self.weight.add_(_delta(self, net.delta_scale))
+    self.network_current_names = wanted_names
+
+
 def merge_for_test(module, delta_scale=0.01, names=(("test_lora", 1.0, 1.0, None),)):
-    """Not in the real module (tests only): does to ``module`` (Linear/Conv2d) what ``network_apply_weights``
-    does on the first forward with a LoRA: backs up weight and bias to the CPU, records ``names`` in
-    ``network_current_names`` and adds a deterministic delta (``delta_scale`` x a fixed pattern) in place."""
-    module.network_weights_backup = store_weights_backup(module.weight)
-    module.network_bias_backup = store_weights_backup(getattr(module, "bias", None))
-    module.network_current_names = tuple(names)
+    """Not in the real module (tests only): what a generation with ``<lora:test_lora:1>`` leaves behind on
+    ``module`` (Linear/Conv2d): ``loaded_networks`` holds the network, and the module's forward runs
+    :func:`network_apply_weights` first (a forward pre-hook standing in for the real class-level patch), which
+    backs up weight and bias, adds a deterministic delta (``delta_scale`` x a fixed pattern) in place and records
+    the names. So a later forward re-merges the LoRA unless ``loaded_networks`` was cleared, as in the WebUI."""
+    loaded_networks[:] = [_LoadedNetwork(*n, delta_scale=delta_scale) for n in names]
+    if not getattr(module, "_stub_lora_hook", False):
+        module.register_forward_pre_hook(lambda m, args: network_apply_weights(m))
+        module._stub_lora_hook = True
     with torch.no_grad():
-        pattern = torch.linspace(-1, 1, module.weight.numel(), dtype=torch.float32).reshape(module.weight.shape)
-        module.weight.add_((pattern * delta_scale).to(module.weight.dtype))
+        network_apply_weights(module)
 
 
 def process_network_files(names: list[str] | None = None):
