@@ -370,6 +370,8 @@ def steps_text(train_images: int | None, batch_size: Any, epochs: Any, max_steps
                 f"/ batch {batch}{accum_txt} ({per_epoch} steps per epoch)")
     if every:
         line += f"; a checkpoint every {every} steps = {total // every} checkpoint(s) + the final file"
+    if ep and steps:
+        line += f". Epochs is set, so Max steps ({steps}) is not used: clear Epochs to train by steps"
     return line
 
 

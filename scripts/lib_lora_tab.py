@@ -224,6 +224,9 @@ def build_tab():
                         with gr.Row():
                             for spec in basic[i:i + 4]:
                                 widgets[spec.name] = _widget(spec)
+                # The same live step count as under Dataset, next to the fields that change it (epochs win over
+                # max steps; a preset may set epochs).
+                steps_params_md = gr.Markdown(wt.steps_text(None, 2, None, 1600), elem_id="lib_lora_steps_params")
                 with gr.Accordion("Advanced (every other setting)", open=False, elem_id="lib_lora_advanced"):
                     for i in range(0, len(advanced), 4):
                         with gr.Row():
@@ -272,6 +275,8 @@ def build_tab():
                         widgets["save_every_n_steps"]]
         for comp in steps_inputs[1:]:
             comp.change(steps_line, steps_inputs, [steps_md], show_progress=False)
+            comp.change(steps_line, steps_inputs, [steps_params_md], show_progress=False)
+        steps_md.change(lambda text: text, [steps_md], [steps_params_md], show_progress=False)
 
         def check(path, n_repeats, lora_kind, resolution, triggers, ext, batch, epochs, steps, accum, every):
             summary = wt.dataset_summary(path, n_repeats, ext)

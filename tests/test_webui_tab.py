@@ -123,6 +123,9 @@ def test_steps_arithmetic():
     text = wt.steps_text(50, 2, "10", "", 1, "200")
     assert "**250** steps" in text and "1 checkpoint" in text
     assert "Check the dataset" in wt.steps_text(None, 2, 10, None)
+    # a preset set epochs and the user typed max steps: say which one counts
+    both = wt.steps_text(50, 2, 10, 20)
+    assert "**250** steps" in both and "Max steps (20) is not used" in both
     assert "whole numbers" in wt.steps_text(50, "x", 10, None)
     assert "epochs or max steps" in wt.steps_text(50, 2, "", "")
 
