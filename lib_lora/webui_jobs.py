@@ -213,7 +213,9 @@ class TrainingJobs:
         if existing and not cfg.resume:
             raise ConfigError(f"a run named {name!r} already exists ({len(existing)} LoRA files in {out_dir}); "
                               "choose another output_name, move or delete that folder, or resume it")
-        cfg = cfg.replace(output_name=name, output_dir=str(out_dir), logging_dir=str(out_dir / "logs"),
+        # TensorBoard logs outside the Lora folder: the Lora tab turns every sub-folder into a filter button.
+        logs = self.host.data_dir / "lib_lora" / "logs" / out_dir.relative_to(Path(self.host.lora_dir).resolve())
+        cfg = cfg.replace(output_name=name, output_dir=str(out_dir), logging_dir=str(logs),
                           device="auto")
         cfg.validate()
         if not cfg.train_data_dir:

@@ -56,7 +56,7 @@ def test_short_run_writes_files_in_the_lora_folder(webui, kind, tmp_path):
     job_id = jobs.start(tiny_config(data, sample_prompts=["sks dog"], sample_every_n_steps=2, sample_steps=2))
     assert job_id.startswith("task(lib_lora-")
     # TensorBoard can be opened while the run goes: its folder is in the status from the start
-    logs = webui.lora_dir / "lib_lora" / "mydog" / "logs"
+    logs = jobs.host.data_dir / "lib_lora" / "logs" / "lib_lora" / "mydog"  # not in the Lora folder
     assert jobs.status()["tensorboard_command"] == f'tensorboard --logdir "{logs}"'
     status = jobs.wait(300)
     assert status["state"] == "finished", status
