@@ -842,11 +842,15 @@ def run_rows(folder: str | os.PathLike | None, depth: int = 2) -> list[list[Any]
     return [row for _, row in sorted(found, key=lambda t: -t[0])]
 
 
-def grid_hint(run_name: Any) -> str:
-    """What to do with a run in the grid Script (agent D's "LoRA checkpoint x weight grid" on txt2img)."""
+def grid_hint(run_name: Any, selected: bool = False) -> str:
+    """What to do with a run in the grid Script ("LoRA checkpoint x weight grid" on txt2img); ``selected``: the
+    tab has already chosen the Script and filled in the run."""
     name = str(run_name or "").strip()
     if not name:
         return "Pick a run in the table (or type its name) first."
+    if selected:
+        return (f"Run `{name}` is selected in txt2img's Script **LoRA checkpoint x weight grid**: set the prompt and "
+                "the weights there and press Generate.")
     return (f"Run `{name}`: in txt2img choose the Script **LoRA checkpoint x weight grid**, then pick or type "
             f"`{name}` in its Run box (the refresh button next to it lists new runs; the name was copied to the "
             "clipboard when the browser allows it).")

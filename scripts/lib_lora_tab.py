@@ -414,9 +414,38 @@ def build_tab():
             return rows[row][0] if 0 <= row < len(rows) else upd()
 
         runs_df.select(wt.guard(pick_run, 1, upd), None, [run_name])
-        grid_btn.click(wt.guard(wt.grid_hint, 1, upd), [run_name], [grid_md], _js="lib_lora_send_to_grid")
+        script_list, grid_run = _txt2img_targets.get("script_list"), _txt2img_targets.get(GRID_RUN_ELEM_ID)
+        if script_list is not None and grid_run is not None:
+            # txt2img's Script dropdown and our grid Script's Run box were seen being built (on_after_component):
+            # select the Script and fill in the run, then the JS switches to txt2img.
+            def send_to_grid(name):
+                name = str(name or "").strip()
+                if not name:
+                    return wt.grid_hint(name), upd(), upd()
+                return wt.grid_hint(name, selected=True), gr.update(value=GRID_SCRIPT_TITLE), gr.update(value=name)
+
+            grid_btn.click(wt.guard(send_to_grid, 3, upd), [run_name], [grid_md, script_list, grid_run],
+                           _js="lib_lora_send_to_grid")
+        else:
+            grid_btn.click(wt.guard(wt.grid_hint, 1, upd), [run_name], [grid_md], _js="lib_lora_send_to_grid")
 
     return [(blocks, TAB_TITLE, TAB_ID)]
+
+
+#: The grid Script (scripts/lib_lora_grid.py) as the WebUI names it: its title, and the elem_id of its Run box in
+#: txt2img (``modules/scripts.py`` ``Script.elem_id``: ``script_<tab>_<title lower, spaces to _>_<item>``).
+GRID_SCRIPT_TITLE = "LoRA checkpoint x weight grid"
+GRID_RUN_ELEM_ID = "script_txt2img_lora_checkpoint_x_weight_grid_run"
+#: Components of the txt2img tab seen while the UI is built (the txt2img tab is built before extension tabs).
+_txt2img_targets: dict = {}
+
+
+def on_after_component(component, **kwargs):
+    """``script_callbacks.on_after_component``: remembers txt2img's Script dropdown (the first ``script_list``;
+    img2img's comes later) and the grid Script's Run box, for "Send to grid"."""
+    elem_id = kwargs.get("elem_id")
+    if elem_id in ("script_list", GRID_RUN_ELEM_ID) and elem_id not in _txt2img_targets:
+        _txt2img_targets[elem_id] = component
 
 
 def on_ui_tabs():
@@ -425,3 +454,4 @@ def on_ui_tabs():
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_after_component(on_after_component)

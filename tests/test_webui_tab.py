@@ -417,3 +417,32 @@ def test_training_through_the_start_button(webui_sd1, dog_set, torch_single_thre
     assert "idle" not in _call(blocks, "lib_lora_stop")["lib_lora_run_message"]
     assert _call(blocks, "lib_lora_send_grid", {"lib_lora_run_name": "tabdog"})["lib_lora_grid_hint"].startswith(
         "Run `tabdog`")
+
+
+def test_send_to_grid_selects_the_script_when_txt2img_was_built_first(webui):
+    """As in the WebUI (``modules/ui.py`` ``create_ui``), txt2img's Blocks is built, and its components reported to
+    on_after_component, before extension tabs, and all interfaces are rendered into one demo: "Send to grid" then
+    outputs the grid Script's title to txt2img's Script dropdown and the run name to the Script's Run box (elem_ids
+    as modules/scripts.py makes them)."""
+    webui.load_script("scripts/lib_lora_tab.py")
+    callbacks = webui.modules["script_callbacks"]
+    title = "LoRA checkpoint x weight grid"
+    with gr.Blocks() as txt2img:
+        script_list = gr.Dropdown(label="Script", elem_id="script_list", choices=["None", title], value="None",
+                                  type="index")
+        callbacks.after_component_callback(script_list, elem_id="script_list")
+        grid_run = gr.Dropdown(label="Run", elem_id="script_txt2img_lora_checkpoint_x_weight_grid_run", choices=[],
+                               allow_custom_value=True)
+        callbacks.after_component_callback(grid_run, elem_id=grid_run.elem_id)
+    with gr.Blocks():
+        img2img_list = gr.Dropdown(label="Script", elem_id="script_list", choices=["None"], type="index")
+        callbacks.after_component_callback(img2img_list, elem_id="script_list")  # ignored: txt2img's came first
+    (tab, _, _), = webui.ui_tabs()
+    with gr.Blocks() as demo:
+        txt2img.render()
+        tab.render()
+    fn, inputs, outputs = _handler(demo, "lib_lora_send_grid", "click")
+    assert outputs[1] is script_list and outputs[2] is grid_run
+    hint, script_value, run_value = fn("tabdog")
+    assert script_value["value"] == title and run_value["value"] == "tabdog"
+    assert "is selected" in hint
