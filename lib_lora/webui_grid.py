@@ -63,6 +63,24 @@ def list_runs(lora_dir: str | os.PathLike[str]) -> dict[str, Run]:
     return dict(sorted(out.items()))
 
 
+def find_run_by_name(runs: Mapping[str, Run], name: str) -> Run | None:
+    """The run keyed ``name`` in :func:`list_runs` (``"lib_lora/mydog"``), else the only run whose key ends in
+    ``/name`` or whose own name is ``name`` (the trainer tab's "Send to grid" gives the bare name); None when there
+    is none or several. Pure."""
+    name = str(name).strip()
+    if name in runs:
+        return runs[name]
+    hits = [r for key, r in runs.items() if key.endswith("/" + name) or r.name == name]
+    return hits[0] if len(hits) == 1 else None
+
+
+def prompt_names_run(run: Run, prompt: str | None, sr_values: str | None) -> bool:
+    """True when a Prompt S/R grid is about ``run``: ``<lora:NAME`` of it in the prompt, or one of its file stems in
+    the prompt or among the S/R checkpoint values (then the run's trigger words belong to the grid). Pure."""
+    text = f"{prompt or ''}\n{sr_values or ''}"
+    return f"<lora:{run.name}" in text or any(stem in text for stem in run.stems)
+
+
 def find_lora_files(lora_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """{stem: path} of the LoRA files under ``lora_dir`` (recursive, like ``networks.list_available_networks``;
     the first by sorted path wins a shared stem)."""

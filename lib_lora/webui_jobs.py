@@ -36,6 +36,7 @@ from typing import Any
 from .config import TrainConfig
 from .control import ProgressInfo, TrainCallbacks, TrainCommands
 from .errors import ConfigError, DatasetError, LoraError
+from .safetensors_io import atomic_write_bytes
 from .webui_api import output_path_inside, sanitize_output_name
 from .webui_host import WebUIHost
 
@@ -176,21 +177,16 @@ class TrainingJobs:
             }
 
     def runs(self) -> list[dict]:
-        """The runs under ``<lora_dir>/<output sub-folder>/`` (one folder per run, grouped by
-        :func:`lib_lora.runs.group_runs`): [{"name", "folder", "files": [{"path", "stem", "label", "epoch",
-        "step", "final"}]}], sorted by folder then run name. Missing folder = []."""
-        from .runs import group_runs
+        """The runs under ``<lora_dir>/<output sub-folder>/`` (:func:`lib_lora.webui_grid.list_runs`): [{"name",
+        "folder", "files": [{"path", "stem", "label", "epoch", "step", "final"}]}], sorted by folder then run
+        name. Missing folder = []."""
+        from .webui_grid import list_runs
 
-        base = self.host.lora_dir / self.host.output_subdir()
-        out = []
-        if not base.is_dir():
-            return out
-        for folder in sorted([base, *[p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]]):
-            for name, run in group_runs(folder).items():
-                out.append({"name": name, "folder": str(folder),
-                            "files": [{"path": str(f.path), "stem": f.stem, "label": f.label, "epoch": f.epoch,
-                                       "step": f.step, "final": f.final} for f in run.files]})
-        return out
+        runs = list_runs(self.host.lora_dir / self.host.output_subdir()).values()
+        return [{"name": run.name, "folder": str(run.folder),
+                 "files": [{"path": str(f.path), "stem": f.stem, "label": f.label, "epoch": f.epoch, "step": f.step,
+                            "final": f.final} for f in run.files]}
+                for run in sorted(runs, key=lambda r: (str(r.folder), r.name))]
 
     # ----------------------------------------------------------------------------------------------- commands
     def prepare_config(self, config: dict | TrainConfig) -> TrainConfig:
@@ -395,10 +391,8 @@ class TrainingJobs:
         if not src.is_file():
             return
         dst = lora_path.with_name(f"{lora_path.stem}.preview.png")
-        tmp = dst.with_name(f".{dst.name}.tmp")
         try:
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            atomic_write_bytes(dst, src.read_bytes())
         except OSError as exc:
             job.message(f"could not write the preview {dst.name}: {exc}")
 

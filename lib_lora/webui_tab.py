@@ -811,35 +811,23 @@ def loss_chart(history: Mapping[str, Sequence[float]] | None, width: int = 760, 
     return img
 
 
-def run_rows(folder: str | os.PathLike | None, depth: int = 2) -> list[list[Any]]:
-    """The LoRA runs under ``folder`` and its sub-folders down to ``depth`` levels (the tab writes to
-    ``<Lora folder>/<sub-folder>/<output name>/``), newest first, as rows (:data:`RUN_HEADERS`). Never raises: an
-    unreadable folder is left out."""
-    from .runs import group_runs
+def run_rows(folder: str | os.PathLike | None) -> list[list[Any]]:
+    """The LoRA runs under ``folder`` and its sub-folders (:func:`lib_lora.webui_grid.list_runs`; the tab writes to
+    ``<Lora folder>/<sub-folder>/<output name>/``), newest file first, as rows (:data:`RUN_HEADERS`). Never
+    raises: an unreadable file counts as oldest."""
+    from .webui_grid import list_runs
 
     if not folder:
         return []
-    root = Path(folder)
-    found: list[tuple[float, list[Any]]] = []
-    level = [root]
-    for _ in range(depth + 1):
-        nxt = []
-        for d in level:
-            try:
-                runs = group_runs(d)
-                subs = [p for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-            except OSError:
-                continue
-            for run in runs.values():
-                try:
-                    mtime = max(p.stat().st_mtime for p in run.paths)
-                except (OSError, ValueError):
-                    mtime = 0.0
-                found.append((mtime, [run.name, len(run.files), run.files[-1].stem if run.files else "",
-                                      str(d)]))
-            nxt += subs
-        level = nxt
-    return [row for _, row in sorted(found, key=lambda t: -t[0])]
+
+    def newest(run) -> float:
+        try:
+            return max(p.stat().st_mtime for p in run.paths)
+        except (OSError, ValueError):
+            return 0.0
+
+    runs = sorted(list_runs(folder).values(), key=newest, reverse=True)
+    return [[run.name, len(run.files), run.files[-1].stem if run.files else "", str(run.folder)] for run in runs]
 
 
 def grid_hint(run_name: Any, selected: bool = False) -> str:

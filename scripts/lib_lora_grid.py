@@ -29,9 +29,11 @@ from lib_lora.webui_grid import (
     cell_problem,
     checkpoint_problem,
     find_lora_files,
+    find_run_by_name,
     infotext_params,
     list_runs,
     marked_cell,
+    prompt_names_run,
     score_overlay,
 )
 
@@ -43,23 +45,6 @@ CLIP_SETTING = "lib_lora_clip_model_path"
 
 def _lora_dir() -> str:
     return getattr(shared.cmd_opts, "lora_dir", "") or ""
-
-
-def _find_run(runs: dict, name: str):
-    """The run keyed ``name`` ("lib_lora/mydog"), else the only run whose own name or key ends in ``/name`` (the
-    trainer tab's "Send to grid" gives the bare name); None when there is none or several."""
-    name = str(name).strip()
-    if name in runs:
-        return runs[name]
-    hits = [r for key, r in runs.items() if key.endswith("/" + name) or r.name == name]
-    return hits[0] if len(hits) == 1 else None
-
-
-def _names_run(run, prompt: str | None, sr_values: str | None) -> bool:
-    """True when an S/R grid is about ``run``: its name follows ``<lora:`` in the prompt, or one of its file stems
-    is in the prompt or among the S/R checkpoint values."""
-    text = f"{prompt or ''}\n{sr_values or ''}"
-    return f"<lora:{run.name}" in text or any(stem in text for stem in run.stems)
 
 
 def _trigger_words(run) -> str | None:
@@ -175,8 +160,8 @@ class Script(scripts.Script):
         state = shared.state
         processing.fix_seed(p)
         sr = mode == MODES[1] or str(mode).lower().startswith(("prompt s/r", "sr"))
-        run = _find_run(list_runs(_lora_dir()), run_name) if run_name else None
-        if sr and run is not None and not _names_run(run, p.prompt, sr_values):
+        run = find_run_by_name(list_runs(_lora_dir()), run_name) if run_name else None
+        if sr and run is not None and not prompt_names_run(run, p.prompt, sr_values):
             run = None  # the S/R prompt names other files: the Run dropdown's trigger words don't belong to them
         files = find_lora_files(_lora_dir())
         seed_list = _seeds(seeds, p)

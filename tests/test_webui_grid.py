@@ -296,3 +296,21 @@ def test_ui_builds_with_real_gradio_and_refreshes_runs(grid):
     refresh = next(d.fn for d in demo.fns if d.fn is not None and d.fn.__name__ == "refresh_runs")
     update = refresh("lib_lora/later")
     assert set(update["choices"]) == {f"lib_lora/{RUN}", "lib_lora/later"} and update["value"] == "lib_lora/later"
+
+
+def test_find_run_by_name_and_prompt_names_run(tmp_path):
+    """The pure lookups behind the Script: a key, a unique bare name, an ambiguous bare name (None); an S/R grid
+    names a run by ``<lora:NAME`` or by one of its stems in the S/R values."""
+    from lib_lora.webui_grid import find_run_by_name, list_runs, prompt_names_run
+
+    for sub in ("a/dog", "b/dog", "a/cat"):
+        (tmp_path / sub).mkdir(parents=True)
+        _fake_lora(tmp_path / sub / f"{sub.split('/')[1]}-000001.safetensors", 1)
+    runs = list_runs(tmp_path)
+    assert set(runs) == {"a/dog", "b/dog", "a/cat"}
+    assert find_run_by_name(runs, "a/dog") is runs["a/dog"] and find_run_by_name(runs, "cat") is runs["a/cat"]
+    assert find_run_by_name(runs, "dog") is None and find_run_by_name(runs, "nope") is None
+    cat = runs["a/cat"]
+    assert prompt_names_run(cat, "x <lora:cat-NUM:STRENGTH>", "") and prompt_names_run(cat, "<lora:NUM:1>",
+                                                                                        "NUM,cat-000001")
+    assert not prompt_names_run(cat, "<lora:dog-NUM:STRENGTH>", "NUM,000001")
