@@ -76,13 +76,20 @@ def _geglu_hook(module: nn.Module, inputs: tuple, out) -> None:
         _tag(out, _Recipe(torch.mul, (a, b)))
 
 
+#: ldm/sgm blocks whose own norms feed LoRA'd layers (SpatialTransformer.norm -> proj_in; BasicTransformerBlock
+#: norm1/2/3 -> attn1 q/k/v, attn2 q, ff.net.0). The ResBlocks' GroupNorms feed SiLU and convs, not LoRA inputs,
+#: so they get no hook (no per-call cost there).
+_BLOCKS_WITH_LORA_NORMS = ("SpatialTransformer", "BasicTransformerBlock")
+
+
 def tag_recomputable_outputs(unet: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Registers the forward hooks that tag LayerNorm / GroupNorm / ldm ``GEGLU`` outputs in ``unet`` with their
-    recipe. Hooks act only while grad mode is on. Returns the handles (``handle.remove()`` undoes it)."""
+    """Registers the forward hooks that tag, in ``unet``, the outputs of the transformer blocks' own LayerNorm /
+    GroupNorm children and of ldm ``GEGLU`` with their recipe. Hooks act only while grad mode is on. Returns the
+    handles (``handle.remove()`` undoes it)."""
     handles = []
     for m in unet.modules():
-        if isinstance(m, _NORM_CLASSES):
-            handles.append(m.register_forward_hook(_norm_hook))
+        if type(m).__name__ in _BLOCKS_WITH_LORA_NORMS:
+            handles += [c.register_forward_hook(_norm_hook) for c in m.children() if isinstance(c, _NORM_CLASSES)]
         elif type(m).__name__ == "GEGLU":
             handles.append(m.register_forward_hook(_geglu_hook))
     return handles

@@ -325,6 +325,8 @@ class Trainer:
 
         net = self.network = self._build_network()
         groups, descs = net.prepare_optimizer_params(cfg.text_encoder_lr, cfg.unet_lr, cfg.learning_rate)
+        # Progress reports the UNet's rate (the one users set and watch); the TE group comes first when present.
+        main_group = descs.index("unet") if "unet" in descs else 0
         if not groups:
             raise ConfigError("no parameters to train: every learning rate is 0")
         optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, **cfg.optimizer_args)
@@ -419,10 +421,8 @@ class Trainer:
                         for ev in events:
                             log.event(global_step, ev.kind, ev.message)
                             self.callbacks.message(ev.message)
-                        # The UNet's rate is the one users set and watch ("learning rate"); the TE group comes first.
-                        main_lr = lrs[descs.index("unet")] if "unet" in descs else lrs[0]
                         self._progress(global_step, total_steps, epoch, num_epochs, loss, recorder, plateau,
-                                       main_lr, started, steps_this_session)
+                                       lrs[main_group], started, steps_this_session)
 
                         done = global_step >= total_steps
                         stem = checkpoint_name(cfg.output_name, step=global_step)
