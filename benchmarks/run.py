@@ -322,11 +322,24 @@ def data_section(args, log) -> dict:
 
 # ------------------------------------------------------------------------------------------------ grid
 def grid_section(args, log) -> dict:
-    """The grid CLI's per-generation time against plain txt2img on tiny-sd1 (same prompt, steps, size, seeds)."""
+    """The grid CLI's per-cell time against plain txt2img on tiny-sd1 (same prompt, steps, size, seed).
+
+    One untimed grid and generation first (first-call costs), then ``args.grid_rounds`` rounds, each timing one
+    whole grid (``render_run_grid``: LoRA loading, weight switching, cell PNGs, the grid image and its JSON; the
+    base model is loaded once, apart, as a plain generation has no load either) between two halves of as many plain
+    generations as the grid has cells, so that a slow spell of a shared machine weighs on both sides. ``overhead``
+    is the median of the per-round ratios, minus 1. ``own_ms_per_cell`` is the grid's time outside its txt2img
+    calls (timed inside it) per cell: the grid's own work, far less noisy than the difference of two totals, and
+    ``own_overhead`` that over the plain generation time.
+    """
+    import contextlib
+    import io
+
     import torch
     from safetensors.torch import save_file
 
     import lib_lora.model.headless as headless
+    import lib_lora.model.sampler as sampler
     from lib_lora.cli_grid import render_run_grid
     from lib_lora.model.headless import load_model
     from lib_lora.model.sampler import txt2img
@@ -353,32 +366,62 @@ def grid_section(args, log) -> dict:
                                 part="both", other_weight=1.0, baseline=False, trigger=None, no_trigger=True,
                                 device="cpu", output=str(Path(tmp) / "grid.png"), clip_model=None)
         n_cells = len(files) * len(weights)
-        grid_t, plain_t = [], []
-        import contextlib
-        import io
 
-        for _ in range(args.grid_rounds):
-            s = time.perf_counter()
-            # The base model is loaded once (its load time is reported apart): a plain generation has no load either.
+        def grid(cells: int) -> tuple[float, float]:
+            """(seconds per cell, seconds per cell outside txt2img)."""
+            inside = []
+
+            def timed_txt2img(*a, **k):
+                s = time.perf_counter()
+                try:
+                    return org_txt2img(*a, **k)
+                finally:
+                    inside.append(time.perf_counter() - s)
+
             headless.load_model, org_load = (lambda *a, **k: model), headless.load_model
+            sampler.txt2img, org_txt2img = timed_txt2img, sampler.txt2img
+            s = time.perf_counter()
             try:
                 with contextlib.redirect_stderr(io.StringIO()):
                     render_run_grid(ns)
             finally:
-                headless.load_model = org_load
-            grid_t.append((time.perf_counter() - s) / n_cells)
+                total = time.perf_counter() - s
+                headless.load_model, sampler.txt2img = org_load, org_txt2img
+            return total / cells, (total - sum(inside)) / cells
+
+        def plain(cells: int) -> float:
             s = time.perf_counter()
             with torch.no_grad():
-                for _ in range(n_cells):
+                for _ in range(cells):
                     txt2img(model, prompt, negative_prompt="", steps=steps, cfg_scale=7.0, width=size, height=size,
                             seed=0)
-            plain_t.append((time.perf_counter() - s) / n_cells)
+            return (time.perf_counter() - s) / cells
+
+        grid(n_cells)  # warm-up, untimed
+        plain(1)
+        grid_t, own_t, plain_t = [], [], []
+        first = n_cells // 2
+        for r in range(args.grid_rounds):
+            before = plain(first) * first if first else 0.0
+            per_cell, own = grid(n_cells)
+            after = plain(n_cells - first) * (n_cells - first)
+            grid_t.append(per_cell)
+            own_t.append(own)
+            plain_t.append((before + after) / n_cells)
+            log(f"  [grid round {r + 1}] {per_cell * 1000:.1f} ms/cell ({own * 1000:.1f} ms outside txt2img) vs "
+                f"plain {plain_t[-1] * 1000:.1f} ms/gen ({per_cell / plain_t[-1] - 1.0:+.3f})")
     ratios = [gt / pt for gt, pt in zip(grid_t, plain_t)]
-    log(f"  [grid] {n_cells} cells: {med(grid_t) * 1000:.1f} ms/cell vs plain {med(plain_t) * 1000:.1f} ms/gen")
-    return {"cells": n_cells, "steps": steps, "base_load_s": base_load_s, "size": size, "grid_s_per_cell": med(grid_t),
+    own_ratios = [ot / pt for ot, pt in zip(own_t, plain_t)]
+    log(f"  [grid] {args.grid_files} files x {len(weights)} weights, {args.grid_rounds} rounds: "
+        f"{med(grid_t) * 1000:.1f} ms/cell vs plain {med(plain_t) * 1000:.1f} ms/gen, overhead "
+        f"{med(ratios) - 1.0:+.3f}; own work {med(own_t) * 1000:.1f} ms/cell ({med(own_ratios):+.3f})")
+    return {"cells": n_cells, "files": args.grid_files, "weights": list(weights), "rounds": args.grid_rounds,
+            "steps": steps, "base_load_s": base_load_s, "size": size, "grid_s_per_cell": med(grid_t),
             "grid_s_per_cell_spread": spread(grid_t), "plain_s_per_gen": med(plain_t),
             "plain_s_per_gen_spread": spread(plain_t), "overhead": med(ratios) - 1.0,
-            "overhead_spread": [r - 1.0 for r in spread(ratios)]}
+            "overhead_spread": [r - 1.0 for r in spread(ratios)], "overhead_per_round": [r - 1.0 for r in ratios],
+            "own_ms_per_cell": med(own_t) * 1000, "own_ms_per_cell_spread": [v * 1000 for v in spread(own_t)],
+            "own_overhead": med(own_ratios), "own_overhead_spread": spread(own_ratios)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -412,7 +455,7 @@ def configure(args) -> None:
         args.growth_model, args.growth_points = "sd15", [(1, 16), (2, 16)]
         args.growth_steps, args.growth_warmup = 1, 0
         args.data_sizes, args.data_folders = [256, 512], 2
-        args.grid_files, args.grid_weights, args.grid_steps, args.grid_rounds = 2, [0.5, 1.0], 4, 2
+        args.grid_files, args.grid_weights, args.grid_steps, args.grid_rounds = 2, [0.5, 1.0], 4, 3
         args.latent = 16
     else:
         args.models = ["tiny", "sd15"]
@@ -420,7 +463,8 @@ def configure(args) -> None:
         args.growth_points = [(1, 32), (4, 32), (2, 16), (2, 64)]
         args.growth_steps, args.growth_warmup = 1, 0
         args.data_sizes, args.data_folders = [256, 512], 100
-        args.grid_files, args.grid_weights, args.grid_steps, args.grid_rounds = 2, [0.5, 1.0], 10, 3
+        args.grid_files, args.grid_weights, args.grid_steps = 2, [0.2, 0.4, 0.6, 0.8, 1.0], 10
+        args.grid_rounds = 7
 
 
 def main(argv=None) -> int:

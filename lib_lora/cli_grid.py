@@ -104,8 +104,9 @@ def _sidecar_trigger(paths: list[Path]) -> str | None:
     return None
 
 
-def _load_network(path: Path, model):
-    """(network, None) or (None, short mark + message) for a file that cannot be used."""
+def _load_network(path: Path, model, reuse=None):
+    """(network, None) or (None, short mark + message) for a file that cannot be used. ``reuse``: the previous
+    column's network, loaded into when this file has the same modules (see ``LoRANetwork.from_weights``)."""
     from .network import LoRANetwork
     from .safetensors_io import load_lora_file
 
@@ -113,7 +114,7 @@ def _load_network(path: Path, model):
         return None, ("missing", f"{path}: no such file")
     try:
         state_dict, _ = load_lora_file(path)
-        net, report = LoRANetwork.from_weights(state_dict, model.unet, model.text_encoders, model.arch)
+        net, report = LoRANetwork.from_weights(state_dict, model.unet, model.text_encoders, model.arch, reuse=reuse)
     except FormatError as exc:
         return None, ("unreadable", str(exc))
     if not report.loaded:
@@ -184,31 +185,33 @@ def render_run_grid(args: argparse.Namespace) -> dict:
         return cache[cell.key]
 
     with torch.no_grad():
+        net = previous = None  # a run's checkpoints share their modules: the next file loads into this network
         for col, name in enumerate(plan.checkpoints):
             col_cells = [c for c in plan.cells if c.col == col]
             net = None
             if any(not c.baseline for c in col_cells):
-                net, problem = _load_network(by_name[name], model)
+                net, problem = _load_network(by_name[name], model, reuse=previous)
                 if problem:
                     problems[col] = problem
                     _warn(f"{problem[1]} -> column {col + 1} marked {problem[0]!r}")
             print(f"column {col + 1}/{plan.cols}: {name}", file=sys.stderr)
             for cell in col_cells:
-                if cell.baseline:
+                if cell.baseline:  # before the switcher below writes into the weights
                     images[(cell.row, cell.col, cell.page)] = generate(cell)
-                    continue
-                if net is None:
-                    continue
-                tag = next(t for t in parse_lora_tags(cell.prompt) if t.name == name)
-                net.set_multiplier(te=tag.te, unet=tag.unet)
-                # Merged into the weights, a cell costs what a plain generation costs (no per-layer LoRA path in
-                # each of the sampler's steps); unmerge restores the base weights bit-exactly.
-                net.merge()
-                try:
+            if net is None:
+                continue
+            # In the weights, a cell costs what a plain generation costs (no per-layer LoRA path in each of the
+            # sampler's steps). The switcher computes the column's deltas once; each cell only rescales them,
+            # bit-identical to merge() at that weight, and the base weights come back bit-exactly at the end.
+            with net.weight_switcher() as switch:
+                for cell in col_cells:
+                    if cell.baseline:
+                        continue
+                    tag = next(t for t in parse_lora_tags(cell.prompt) if t.name == name)
+                    switch.set(te=tag.te, unet=tag.unet)
                     images[(cell.row, cell.col, cell.page)] = generate(cell)
-                finally:
-                    net.unmerge()
-            del net
+            previous = net
+        del previous, net
 
     cells_dir = output.with_name(output.stem + "-cells")
     cells_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import keymap, targets
+from . import functional, keymap, targets
 from .errors import ConfigError
 from .lora_module import FusedAttentionAdapter, LoRAModule
 from .model_api import TextEncoderRoot
@@ -318,17 +318,25 @@ class LoRANetwork(nn.Module):
 
     @classmethod
     def from_weights(cls, state_dict: dict[str, torch.Tensor], unet: nn.Module | None,
-                     text_encoders: Sequence[TextEncoderRoot], arch: str) -> tuple[LoRANetwork, LoadReport]:
+                     text_encoders: Sequence[TextEncoderRoot], arch: str,
+                     reuse: LoRANetwork | None = None) -> tuple[LoRANetwork, LoadReport]:
         """A network shaped by a Kohya file (rank per module from ``lora_down.shape[0]``) with its weights loaded.
 
         Names are matched against the canonical Kohya names and their aliases of every target, conv blocks
         included (as sd-scripts ``create_network_from_weights``). Nothing raises for unmatched or unknown keys: they
         are listed in the report.
 
+        Args:
+            reuse: a network from an earlier ``from_weights`` call on the same model, no longer needed (e.g. the
+                previous checkpoint of a run). When this file would build exactly its modules (same targets and
+                ranks) and it is neither attached nor merged, the file is loaded into it (multipliers back to
+                1.0) and it is returned instead of a new network: building the modules is most of the cost of
+                this call. Otherwise it is left untouched.
+
         Raises:
             FormatError: a tensor holds NaN/Inf (the message names the key).
         """
-        check_finite(state_dict)
+        _check_finite_fast(state_dict)
         modules, unknown = group_keys(state_dict)
         found = find_targets(unet, text_encoders, arch, include_conv=True)
         lookup = _name_lookup(found)
@@ -339,13 +347,33 @@ class LoRANetwork(nn.Module):
                 ranks[t.name] = int(parts["lora_down.weight"].shape[0])
                 alpha = parts.get("alpha")
                 alphas[t.name] = float(alpha.float().item()) if alpha is not None else None
-        net = cls(found, ranks, alphas)
-        report = net._load_checked(state_dict)  # checked above: the finite check is a pass over every tensor
+        report = None
+        net = reuse if reuse is not None and reuse._fits(lookup, ranks) else None
+        if net is not None:
+            report = net._load_checked(state_dict)  # checked above: the finite check is a pass over every tensor
+            if report.shape_errors:
+                net, report = None, None  # some modules kept the earlier file's tensors: build afresh
+            else:
+                net.set_multiplier(1.0)
+        if net is None:
+            net = cls(found, ranks, alphas)
+            report = net._load_checked(state_dict)
         report.unknown_keys = sorted(set(report.unknown_keys) | set(unknown))
         loaded = set(report.loaded)
         for name in [n for n in net.names() if n not in loaded]:
             net._drop(name)  # a module whose tensors did not fit must not be saved back as if it came from the file
         return net, report
+
+    def _fits(self, lookup: dict[str, Target], ranks: dict[str, int]) -> bool:
+        """True when a file with these ranks (by canonical name) would build exactly this network's modules."""
+        if self._attached or self._backups or set(ranks) != set(self._targets):
+            return False
+        for name, rank in ranks.items():
+            lora = getattr(self, name)
+            if (lookup[name].layer is not self._targets[name].layer or lora.lora_dim != rank
+                    or lora.dropout is not None or lora.rank_dropout is not None or lora.module_dropout is not None):
+                return False
+        return True
 
     def _drop(self, name: str) -> None:
         """Removes one module (before attach) and its fused-attention slot, if any."""
@@ -454,6 +482,25 @@ class LoRANetwork(nn.Module):
         """True while the deltas are added into the base weights."""
         return bool(self._backups)
 
+    def _weight_rows(self, t: Target) -> tuple[torch.Tensor, slice]:
+        """(base weight tensor, its rows that ``t``'s delta is added to); q/k/v share ``in_proj_weight``."""
+        if t.mha_part is None:
+            return t.layer.weight, slice(None)
+        if t.mha_part == "out_proj":
+            return t.layer.out_proj.weight, slice(None)
+        e = t.layer.embed_dim
+        i = ("q_proj", "k_proj", "v_proj").index(t.mha_part)
+        return t.layer.in_proj_weight, slice(i * e, (i + 1) * e)
+
+    def _backup(self, weight: torch.Tensor) -> torch.Tensor:
+        """The saved original of ``weight``, saved now if it is not yet (in_proj_weight holds q, k and v)."""
+        for w, backup in reversed(self._backups):  # q, k and v of one in_proj_weight come one after another
+            if w is weight:
+                return backup
+        backup = weight.detach().clone()
+        self._backups.append((weight, backup))
+        return backup
+
     def merge(self) -> None:
         """Adds every module's delta (at its current multiplier) into its base weight, keeping a copy of each
         original weight so that :meth:`unmerge` restores it bit-exactly. Detaches first if attached."""
@@ -463,16 +510,8 @@ class LoRANetwork(nn.Module):
         with torch.no_grad():
             for name, t in self._targets.items():
                 lora = getattr(self, name)
-                if t.mha_part is None:
-                    weight, rows = t.layer.weight, slice(None)
-                elif t.mha_part == "out_proj":
-                    weight, rows = t.layer.out_proj.weight, slice(None)
-                else:
-                    e = t.layer.embed_dim
-                    i = ("q_proj", "k_proj", "v_proj").index(t.mha_part)
-                    weight, rows = t.layer.in_proj_weight, slice(i * e, (i + 1) * e)
-                if not any(w is weight for w, _ in self._backups):  # in_proj_weight holds q, k and v
-                    self._backups.append((weight, weight.detach().clone()))
+                weight, rows = self._weight_rows(t)
+                self._backup(weight)
                 target = weight[rows]
                 delta = lora.delta(target.shape).to(device=weight.device)
                 weight[rows] = (target.float() + delta).to(weight.dtype)
@@ -483,6 +522,28 @@ class LoRANetwork(nn.Module):
             for weight, backup in reversed(self._backups):
                 weight.copy_(backup)
         self._backups.clear()
+
+    @contextmanager
+    def weight_switcher(self) -> Iterator[WeightSwitcher]:
+        """Context manager for rendering at many strengths: yields a :class:`WeightSwitcher` whose ``set(te=...,
+        unet=...)`` writes ``original + multiplier * scale * delta`` into the base weights without a matmul.
+
+        On enter the network is detached (as :meth:`merge` does) and each module's delta at multiplier 1 is
+        computed once (fp32, on the base weight's device), next to one saved copy of each original weight; the
+        weights stay unchanged until the first ``set``. On exit (also on error) the originals are put back
+        bit-exactly. Memory: one fp32 delta per target weight plus the copy :meth:`merge` keeps too.
+
+        Raises:
+            RuntimeError: the network is already merged.
+        """
+        if self._backups:
+            raise RuntimeError("the network is merged into the base weights; unmerge() before weight_switcher()")
+        self.detach()
+        switcher = WeightSwitcher(self)
+        try:
+            yield switcher
+        finally:
+            switcher.close()
 
     # ------------------------------------------------------------------------------------------------ loading
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> LoadReport:
@@ -535,6 +596,134 @@ class LoRANetwork(nn.Module):
             v = v.detach().to("cpu")
             out[k] = v.to(dtype) if dtype is not None else v.clone()
         return out
+
+
+class WeightSwitcher:
+    """Writes a network's deltas into the base weights at any strength, cheaply and repeatedly (grid cells).
+
+    Made by :meth:`LoRANetwork.weight_switcher`, which is the way to use it. A module's weight after :meth:`set`
+    is ``(original.float() + delta1 * (multiplier * scale)).to(weight.dtype)`` with ``delta1 = up @ down`` in fp32:
+    the very operations :meth:`LoRANetwork.merge` runs, so a cell is bit-identical to merge() at the same
+    multipliers. While it is open the network counts as merged (``attach()`` raises).
+    """
+
+    def __init__(self, net: LoRANetwork):
+        self._net = net
+        self._loras: list[LoRAModule] = []
+        self._deltas: list[torch.Tensor] = []  # fp32, multiplier 1 and scale 1, shaped as the target rows
+        self._originals: list[torch.Tensor] = []  # views of the saved originals, in the weights' dtype
+        self._views: list[torch.Tensor] = []  # views of the live weights the deltas go to
+        self._written: list[float | None] = []  # the multiplier * scale each weight holds (None: original)
+        with torch.no_grad():
+            for name, t in net._targets.items():
+                lora = getattr(net, name)
+                weight, rows = net._weight_rows(t)
+                backup = net._backup(weight)
+                target = weight[rows]
+                delta = functional.delta_weight(lora.lora_down.weight, lora.lora_up.weight, target.shape)
+                self._loras.append(lora)
+                self._deltas.append(delta.to(device=weight.device))
+                self._originals.append(backup[rows])
+                self._views.append(target)
+                self._written.append(None)
+        self._open = True
+
+    def set(self, multiplier: float | None = None, te: float | None = None, unet: float | None = None) -> None:
+        """Sets the strengths (as :meth:`LoRANetwork.set_multiplier`) and writes them into the base weights.
+
+        Only weights whose ``multiplier * scale`` changed since the last write are rewritten (with ``part="te"``
+        grids, the UNet's stay as they are). ``set()`` alone writes the modules' current multipliers.
+
+        Raises:
+            RuntimeError: the switcher is closed, or the network was unmerged meanwhile.
+        """
+        net = self._net
+        if not self._open or not net._backups:
+            raise RuntimeError("the weight switcher is closed (or the network was unmerged)")
+        idx, factors = [], []
+        for i, lora in enumerate(self._loras):
+            # LoRANetwork.set_multiplier's rule. ``multiplier`` is a plain attribute (no parameter, buffer or
+            # module), so object.__setattr__ does what nn.Module.__setattr__ would, without its checks (~10 us each).
+            value = unet if lora.part == "unet" and unet is not None else te if lora.part == "te" and te is not None \
+                else multiplier
+            if value is not None and lora.multiplier != float(value):
+                object.__setattr__(lora, "multiplier", float(value))
+            factor = lora.multiplier * lora.scale
+            if factor != self._written[i]:
+                idx.append(i)
+                factors.append(factor)
+        if not idx:
+            return
+        # Same operations as merge(): delta * factor in fp32, + original, cast to the weight's dtype. An fp32
+        # weight is its own scratch (no allocation); a half one needs an fp32 temporary to round only once.
+        f32 = [k for k, i in enumerate(idx) if self._views[i].dtype == torch.float32]
+        half = [k for k, i in enumerate(idx) if self._views[i].dtype != torch.float32]
+        with torch.no_grad():
+            if f32:
+                views = [self._views[idx[k]] for k in f32]
+                torch._foreach_copy_(views, [self._deltas[idx[k]] for k in f32])
+                torch._foreach_mul_(views, [factors[k] for k in f32])
+                torch._foreach_add_(views, [self._originals[idx[k]] for k in f32])
+            if half:
+                new = torch._foreach_mul([self._deltas[idx[k]] for k in half], [factors[k] for k in half])
+                torch._foreach_add_(new, [self._originals[idx[k]] for k in half])
+                torch._foreach_copy_([self._views[idx[k]] for k in half], new)
+        for i, f in zip(idx, factors):
+            self._written[i] = f
+
+    def close(self) -> None:
+        """Puts the original weights back (bit-exact) and frees the deltas. Idempotent."""
+        if self._open:
+            self._open = False
+            self._net.unmerge()
+            self._deltas.clear()
+            self._originals.clear()
+            self._views.clear()
+
+
+def _check_finite_fast(state_dict: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:
+    """:func:`check_finite` in a few passes instead of one per tensor (a file has three tensors per module).
+
+    Small tensors of one dtype and device are joined, up to ``chunk`` elements at a time (the memory the check
+    may add), and checked with one ``aminmax`` (NaN and +-Inf propagate to min/max); larger ones are checked
+    alone, as there. On a hit :func:`check_finite` runs over the whole dict, so the message is the same.
+
+    Raises:
+        FormatError: as :func:`check_finite`.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    large = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if value.numel() >= chunk:
+            large[key] = value
+        else:
+            groups.setdefault((value.dtype, value.device), []).append(value.detach().reshape(-1))
+    batches = []
+    for tensors in groups.values():
+        batch, size = [], 0
+        for t in tensors:
+            batch.append(t)
+            size += t.numel()
+            if size >= chunk:
+                batches.append(batch)
+                batch, size = [], 0
+        if batch:
+            batches.append(batch)
+    for batch in batches:
+        if not _joined_finite(batch):
+            check_finite(state_dict)
+    check_finite(large)
+
+
+def _joined_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every element of the 1-D ``tensors`` (one dtype and device) is finite."""
+    try:
+        low, high = torch.aminmax(torch.cat(tensors))
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax on this device
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _name_lookup(found: Sequence[Target]) -> dict[str, Target]:

@@ -85,3 +85,46 @@ def test_missing_and_unreadable_files_are_marked_not_fatal(run_dir, tmp_path, ca
 def test_bad_run_is_one_line_error(tmp_path, capsys):
     assert main(["grid", "--run", str(tmp_path / "none"), "--prompt", "p", "--output", str(tmp_path / "g.png")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cells_equal_merge_then_txt2img(run_dir, tmp_path, capsys, torch_single_thread):
+    """Every LoRA cell of the grid (two columns: the second loads into the first's network) is pixel-identical to
+    a plain txt2img after from_weights + set_multiplier + merge() at that weight, and the base model's weights are
+    bit-exactly what they were once the grid is done."""
+    import lib_lora.model.headless as headless
+    from lib_lora.model.sampler import txt2img
+    from lib_lora.prompt_syntax import strip_lora_tags
+    from lib_lora.safetensors_io import load_lora_file
+
+    model = load_model("tiny-sd1")
+
+    def weights():
+        parts = [model.unet, *(root.module for root in model.text_encoders)]
+        return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(parts) for k, v in m.state_dict().items()}
+
+    before = weights()
+    org = headless.load_model
+    headless.load_model = lambda *a, **k: model  # the same model object, to check its weights afterwards
+    try:
+        out = tmp_path / "grid.png"
+        assert main(_args(out, "--run", str(run_dir / RUN))) == 0
+    finally:
+        headless.load_model = org
+    after = weights()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    summary = json.loads((tmp_path / "grid.json").read_text(encoding="utf-8"))
+    paths = dict(zip(summary["col_labels"], summary["checkpoints"]))
+    assert len(summary["cells"]) == 4
+    with torch.no_grad():
+        for cell in summary["cells"]:
+            sd, _ = load_lora_file(paths[cell["checkpoint"]])
+            net, _ = LoRANetwork.from_weights(sd, model.unet, model.text_encoders, model.arch)
+            net.set_multiplier(cell["weight"])
+            net.merge()
+            try:
+                want = txt2img(model, strip_lora_tags(cell["prompt"]).strip(), negative_prompt="", steps=4,
+                               cfg_scale=7.0, width=64, height=64, seed=7)[0]
+            finally:
+                net.unmerge()
+            assert np.array_equal(np.asarray(Image.open(cell["file"]).convert("RGB")),
+                                  np.asarray(want.convert("RGB"))), cell["file"]

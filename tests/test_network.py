@@ -22,7 +22,7 @@ from lib_lora.lora_module import LoRAModule
 from lib_lora.model.build import build_hf_clip_text, build_openclip_text, build_unet
 from lib_lora.model.configs import HF_CLIP_TINY, OPENCLIP_TINY, UNET_TINY_SD1, UNET_TINY_SD2
 from lib_lora.model_api import TextEncoderRoot
-from lib_lora.network import LoadReport, LoRANetwork, find_targets
+from lib_lora.network import LoadReport, LoRANetwork, _check_finite_fast, find_targets
 from lib_lora.safetensors_io import load_lora_file, save_lora_file
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -878,3 +878,150 @@ def test_reference_file_module_lands_on_the_right_layer(name, path, reference_ne
         with net.applied():
             got = layer(x)
     torch.testing.assert_close(got - base, expected_delta, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- weight switcher
+
+
+def _merged_state(net: LoRANetwork, module: nn.Module, **mult) -> dict[str, torch.Tensor]:
+    """``module``'s weights while ``net`` is merged at ``mult`` (set_multiplier kwargs); unmerged after."""
+    net.set_multiplier(**mult)
+    net.merge()
+    try:
+        return snapshot(module)
+    finally:
+        net.unmerge()
+
+
+def _assert_same_state(module: nn.Module, want: dict[str, torch.Tensor]) -> None:
+    got = module.state_dict()
+    bad = [k for k, v in want.items() if not torch.equal(got[k], v)]
+    assert not bad, f"differs from merge(): {bad[:5]}"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "hf_linear", "sd2_linear_proj",
+                                  "fused_attention"])
+def test_weight_switcher_equals_merge_bitwise_and_restores_exactly(kind, sd1, sd2, inputs):
+    """For every layer kind (fused attention: q/k/v rows of in_proj_weight and out_proj), each set(w) leaves the base
+    weights bit-identical to merge() at multiplier w, in any order and back again; inside, the network counts as
+    merged (attach raises); on exit every base weight and the output are bit-exact again, and set() then raises."""
+    found, run, module = _kind_targets(kind, sd1, sd2)
+    before = snapshot(module)
+    net = randomize_(LoRANetwork(found, {t.name: RANK for t in found}, {t.name: RANK / 2 for t in found}))
+    with torch.no_grad():
+        base = run(inputs)
+        want = {w: _merged_state(net, module, multiplier=w) for w in (0.2, 0.7, 1.0)}
+        assert any(not torch.equal(want[0.7][k], before[k]) for k in before)
+        net.set_multiplier(0.0)
+        with net.weight_switcher() as switch:
+            assert net.merged
+            _assert_same_state(module, before)  # nothing written before the first set()
+            for w in (0.2, 1.0, 0.7, 0.2):
+                switch.set(w)
+                _assert_same_state(module, want[w])
+                assert {m.multiplier for m in net.lora_modules()} == {w}
+            with pytest.raises(RuntimeError, match="unmerge"):
+                net.attach()
+        assert not net.merged
+        assert_state_equal(module, before)
+        assert torch.equal(run(inputs), base)
+        with pytest.raises(RuntimeError, match="closed"):
+            switch.set(0.5)
+
+
+def test_weight_switcher_te_unet_split_and_errors(sd1, inputs):
+    """te/unet strengths apply per part, bit-identical to merge() after set_multiplier(te=, unet=); changing only te
+    leaves the UNet's weights as they were; a merged network refuses a switcher; an error inside restores."""
+    before_u, before_t = snapshot(sd1.unet), snapshot(sd1.te)
+    net = randomize_(LoRANetwork.create(sd1.unet, sd1.roots, "sd1", network_dim=RANK, conv_dim=2))
+    with torch.no_grad():
+        want_u = {}
+        want_t = {}
+        for te, unet in ((0.3, 0.9), (0.8, 0.9)):
+            net.set_multiplier(te=te, unet=unet)
+            net.merge()
+            want_u[te], want_t[te] = snapshot(sd1.unet), snapshot(sd1.te)
+            net.unmerge()
+        with net.weight_switcher() as switch:
+            switch.set(te=0.3, unet=0.9)
+            _assert_same_state(sd1.unet, want_u[0.3])
+            _assert_same_state(sd1.te, want_t[0.3])
+            unet_ptrs = {k: v.data_ptr() for k, v in sd1.unet.state_dict().items()}
+            switch.set(te=0.8)
+            _assert_same_state(sd1.unet, want_u[0.8])
+            _assert_same_state(sd1.te, want_t[0.8])
+            assert {k: v.data_ptr() for k, v in sd1.unet.state_dict().items()} == unet_ptrs
+        net.merge()
+        with pytest.raises(RuntimeError, match="merged"), net.weight_switcher():
+            pass
+        net.unmerge()
+        with pytest.raises(ValueError, match="boom"), net.weight_switcher() as switch:
+            switch.set(1.0)
+            raise ValueError("boom")
+    assert_state_equal(sd1.unet, before_u)
+    assert_state_equal(sd1.te, before_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_switcher_half_weights_equal_merge(dtype, sd1, sd2):
+    """On bf16/fp16 base weights (HF CLIP, OpenCLIP with fused attention) set(w) rounds once, as merge() does: the
+    weights are bit-identical to merge(); exit restores them bit-exactly."""
+    for arch, model in (("sd1", sd1), ("sd2", sd2)):
+        te16 = copy.deepcopy(model.te).to(dtype)
+        roots = _sd1_roots(te16) if arch == "sd1" else _sd2_roots(te16)
+        net = randomize_(LoRANetwork.create(None, roots, arch, network_dim=RANK))
+        before = snapshot(te16)
+        with torch.no_grad():
+            want = {w: _merged_state(net, te16, multiplier=w) for w in (0.4, 1.0)}
+            with net.weight_switcher() as switch:
+                for w in (1.0, 0.4):
+                    switch.set(w)
+                    _assert_same_state(te16, want[w])
+        assert_state_equal(te16, before)
+
+
+def test_from_weights_reuse_loads_into_a_fitting_network(trained, sd1, inputs):
+    """from_weights(reuse=net) with a file of the same modules returns that network with the new file's tensors,
+    alphas and multiplier 1.0 (state and outputs equal to a fresh from_weights); a file of other ranks, or an
+    attached network, is not reused and the network passed is left untouched."""
+    src = trained["sd1"]
+    sd_a = src.net.kohya_state_dict()
+    sd_b = randomize_(copy.deepcopy(src.net), seed=11).kohya_state_dict()
+    sd_b = {k: (v * 0.5 if k.endswith(".alpha") else v) for k, v in sd_b.items()}
+    net, _ = LoRANetwork.from_weights(sd_a, sd1.unet, sd1.roots, "sd1")
+    net.set_multiplier(0.3)
+    fresh, fresh_report = LoRANetwork.from_weights(sd_b, sd1.unet, sd1.roots, "sd1")
+    again, report = LoRANetwork.from_weights(sd_b, sd1.unet, sd1.roots, "sd1", reuse=net)
+    assert again is net
+    assert report == fresh_report
+    got, want = again.kohya_state_dict(), fresh.kohya_state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert [m.scale for m in again.lora_modules()] == [m.scale for m in fresh.lora_modules()]
+    assert {m.multiplier for m in again.lora_modules()} == {1.0}
+    assert _outputs(again, src.model, inputs)[0].equal(_outputs(fresh, src.model, inputs)[0])
+    small = {k: v for k, v in sd_a.items() if k.startswith("lora_te_")}
+    other, _ = LoRANetwork.from_weights(small, sd1.unet, sd1.roots, "sd1", reuse=net)
+    assert other is not net and other.names() == [n for n in net.names() if n.startswith("lora_te_")]
+    with net.applied():
+        third, _ = LoRANetwork.from_weights(sd_a, sd1.unet, sd1.roots, "sd1", reuse=net)
+    assert third is not net
+    got = net.kohya_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)  # still sd_b's tensors
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_batched_finite_check_names_the_key(bad):
+    """The joined check of from_weights finds one bad value among many small tensors (and in a tensor checked
+    alone), and the message names its key as check_finite does."""
+    g = torch.Generator().manual_seed(0)
+    sd = {f"m{i}.lora_up.weight": torch.randn(8, 4, generator=g) for i in range(50)}
+    sd["m0.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    sd["ids"] = torch.arange(5)
+    sd["big.lora_down.weight"] = torch.randn(10, 10, generator=g)  # >= chunk: checked alone
+    _check_finite_fast(sd, chunk=64)
+    for key in ("m37.lora_up.weight", "m0.alpha", "big.lora_down.weight"):
+        broken = dict(sd)
+        broken[key] = broken[key].clone().reshape(-1)
+        broken[key][-1] = bad
+        with pytest.raises(FormatError, match=f"{key} holds {'NaN' if bad != bad else 'Inf'}"):
+            _check_finite_fast(broken, chunk=64)
