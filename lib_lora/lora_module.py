@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, recompute
+from . import functional, fused, recompute
 
 
 class LoRAModule(nn.Module):
@@ -72,8 +72,10 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        # Set by the network on attach: the wrapped layer's forward as it was (kept out of the module tree).
+        # Set by the network on attach: the wrapped layer's forward as it was (kept out of the module tree), and
+        # (layer,) when that layer may take the fused path (a tuple, so nn.Module does not register the layer).
         self.org_forward: Callable | None = None
+        self.fused_target: tuple[nn.Linear] | tuple = ()
 
     def set_alpha(self, alpha: float | None) -> None:
         """Sets alpha (None/0 = rank) and recomputes the scale; used when loading a file."""
@@ -111,10 +113,20 @@ class LoRAModule(nn.Module):
         return bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The replacement forward of the target layer. x: the layer's input, any leading dims."""
-        org = self.org_forward(x, *args, **kwargs)
+        """The replacement forward of the target layer. x: the layer's input, any leading dims.
+
+        A plain frozen ``nn.Linear`` target without dropouts takes :mod:`lib_lora.fused` (same maths, fewer
+        full-width temporaries); everything else runs ``org(x) + lora_output(x)``."""
         if self.skipped():
-            return org
+            return self.org_forward(x, *args, **kwargs)
+        if self.fused_target and not args and not kwargs and not (
+                self.training and (self.dropout or self.rank_dropout)):
+            with recompute.saving_recipe(x):
+                out = fused.lora_linear(x, self.fused_target[0], self.lora_down.weight, self.lora_up.weight,
+                                        self.multiplier * self.scale)
+            if out is not None:
+                return out
+        org = self.org_forward(x, *args, **kwargs)
         return org + self.lora_output(x).to(org.dtype)
 
     def delta(self, target_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import functional, keymap, targets
+from . import functional, fused, keymap, targets
 from .errors import ConfigError
 from .lora_module import FusedAttentionAdapter, LoRAModule
 from .model_api import TextEncoderRoot
@@ -451,6 +451,9 @@ class LoRANetwork(nn.Module):
         had = "forward" in layer.__dict__
         previous = layer.__dict__.get("forward")
         owner.org_forward = layer.forward
+        if isinstance(owner, LoRAModule):
+            target = fused.fusable_linear(layer, owner.org_forward)
+            owner.fused_target = (target,) if target is not None else ()
         layer.forward = owner.forward
         self._attached.append((layer, had, previous))
 
@@ -464,6 +467,7 @@ class LoRANetwork(nn.Module):
         self._attached.clear()
         for m in self.lora_modules():
             m.org_forward = None
+            m.fused_target = ()
         for a in self._adapters:
             a.org_forward = None
 
