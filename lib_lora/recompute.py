@@ -10,6 +10,9 @@ own inputs autograd keeps anyway:
 * the SpatialTransformer's GroupNorm feeds ``proj_in`` (SD1, 1x1 conv); GroupNorm keeps its input too.
 * ``GEGLU`` = ``a * gelu(gate)`` feeds ``ff.net.2`` (4x the width); the product's backward keeps ``a`` and
   ``gelu(gate)``.
+* the attention output feeding ``to_out.0`` is SDPA's output with its heads merged (a transposed copy); SDPA's
+  backward keeps its output (flash / memory-efficient kernels), so the merged copy is recomputed from it
+  (:func:`merge_heads`, used by :mod:`lib_lora.model.attention`).
 
 :func:`tag_recomputable_outputs` marks such outputs (forward hooks) with a recipe that names tensors autograd keeps
 anyway; :func:`saving_recipe` is the ``torch.autograd.graph.saved_tensors_hooks`` pair a LoRA module wraps around
@@ -95,15 +98,41 @@ def tag_recomputable_outputs(unet: nn.Module) -> list[torch.utils.hooks.Removabl
     return handles
 
 
+#: Open :func:`tagged` contexts; op outputs (not module outputs) are tagged only while one is open.
+_active = 0
+
+
 @contextlib.contextmanager
 def tagged(unet: nn.Module, enabled: bool = True):
-    """Context manager around a training step or run: :func:`tag_recomputable_outputs` on enter, removed on exit."""
+    """Context manager around a training step or run: :func:`tag_recomputable_outputs` on enter, removed on exit;
+    :func:`merge_heads` tags its outputs meanwhile."""
+    global _active
     handles = tag_recomputable_outputs(unet) if enabled else []
+    _active += bool(enabled)
     try:
         yield
     finally:
+        _active -= bool(enabled)
         for h in handles:
             h.remove()
+
+
+def _merge_heads(out: torch.Tensor, b: int, n: int, inner: int, dtype: torch.dtype) -> torch.Tensor:
+    return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
+
+
+def merge_heads(out: torch.Tensor, b: int, n: int, inner: int, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's (B, heads, N, d) output -> (B, N, heads * d) in ``dtype``, the input of an attention's ``to_out``.
+
+    Inside :func:`tagged`, when SDPA's backward node keeps that very output (``_saved_output``: the flash and
+    memory-efficient kernels do; the math fallback does not), the result is tagged with a recipe that redoes the
+    transpose + copy from it, so a LoRA on ``to_out.0`` keeps no copy of its own."""
+    merged = _merge_heads(out, b, n, inner, dtype)
+    if _active and torch.is_grad_enabled() and merged.requires_grad and out.grad_fn is not None:
+        saved = getattr(out.grad_fn, "_saved_output", None)
+        if isinstance(saved, torch.Tensor) and saved.data_ptr() == out.data_ptr() and saved.shape == out.shape:
+            _tag(merged, _Recipe(_merge_heads, (saved, b, n, inner, dtype)))
+    return merged
 
 
 def _unpack(p):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .. import recompute
+
 
 def _sdpa_forward(attn: nn.Module):
     def forward(x, context=None, mask=None):
@@ -23,8 +25,9 @@ def _sdpa_forward(attn: nn.Module):
         if mask is not None:
             mask = mask.reshape(b, 1, 1, -1).expand(-1, h, n, -1)  # True = keep (ldm's convention)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, n, inner).to(x.dtype)
-        return attn.to_out(out)
+        # Heads merged by lib_lora.recompute: in training, a LoRA on to_out then recomputes this copy in backward
+        # from SDPA's own saved output instead of keeping it.
+        return attn.to_out(recompute.merge_heads(out, b, n, inner, x.dtype))
 
     return forward
 
