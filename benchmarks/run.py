@@ -22,6 +22,7 @@ the venv::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -118,13 +119,26 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if spec["variant"] == "peft" and spec.get("peft_site"):
         sys.path.insert(0, spec["peft_site"])
+    from lib_lora import fused
     from lib_lora.checkpointing import training_mode
     from lib_lora.model.attention import use_sdpa
     from lib_lora.network import LoRANetwork
     from lib_lora.recompute import tagged
 
+    fused.ENABLED = spec.get("fused", True)
+    device = torch.device(spec.get("device", "cpu"))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("autocast") or "")
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
     unet, ctx_dim = _build_unet(spec["model"])
+    # As trainers do under mixed precision (sd-scripts' weight_dtype, lib_lora's trainer): the frozen UNet is held
+    # in the autocast dtype, the LoRA weights stay fp32.
+    unet.to(device, dtype=amp or torch.float32)
+    if amp is not None:  # as lib_lora.model.headless.HeadlessModel.to: norm affines fp32, ldm's dtype attribute set
+        for m in unet.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.float()
+        unet.dtype = amp
     use_sdpa(unet)
     unet.requires_grad_(False)
     unet.train()
@@ -133,6 +147,7 @@ def worker(spec: dict) -> dict:
     params, net, n_modules = [], None, 0
     if variant == "lora":
         net = LoRANetwork.create(unet, [], "sd1", network_dim=RANK, network_alpha=ALPHA, train_text_encoder=False)
+        net.to(device)
         net.train()
         groups, _ = net.prepare_optimizer_params(None, LR, LR)
         params = [p for g in groups for p in g["params"]]
@@ -146,19 +161,29 @@ def worker(spec: dict) -> dict:
         unet = inject_adapter_in_model(cfg, unet)
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
+            p.data = p.data.float()  # fp32 LoRA weights, as ours
             p.requires_grad_(True)
         n_modules = len(names)
-    opt = torch.optim.AdamW(params, lr=LR) if params else None
+    # Creating the first AdamW imports torch._dynamo and sympy (~110-150 MiB of code and data, measured here):
+    # library state, not training memory. The floor builds one on a dummy parameter too, so every variant's peak RSS
+    # holds the same libraries; the amount is recorded (``lib_rss``) so the ratio without it can be formed.
+    rss_before_opt = (_status_kb("VmRSS") or 0) * 1024
+    opt = torch.optim.AdamW(params if params else [torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    lib_rss = (_status_kb("VmRSS") or 0) * 1024 - rss_before_opt
+    if not params:
+        opt = None
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(b, 4, hw, hw, generator=g)
-    ctx = torch.randn(b, 77, ctx_dim, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    target = torch.randn(b, 4, hw, hw, generator=g)
+    x = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    ctx = torch.randn(b, 77, ctx_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    target = torch.randn(b, 4, hw, hw, generator=g).to(device)
     if variant == "floor":
         x.requires_grad_(True)
+    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None else None)
 
     def step() -> None:
-        pred = unet(x, t, context=ctx)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            pred = unet(x, t, context=ctx)
         loss = F.mse_loss(pred.float(), target)
         loss.backward()
         if opt is not None:
@@ -170,15 +195,26 @@ def worker(spec: dict) -> dict:
     times = []
     # Ours recomputes norm/GEGLU outputs that feed LoRA layers instead of keeping them (off with checkpointing).
     with training_mode(unet, spec["ckpt"]), tagged(unet, enabled=variant == "lora" and not spec["ckpt"]):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         reset_ok = _reset_peak()
         rss_setup = (_status_kb("VmRSS") or 0) * 1024
+        alloc_setup = torch.cuda.memory_allocated(device) if cuda else 0
         for i in range(spec["warmup"] + spec["steps"]):
             s = time.perf_counter()
             step()
+            if cuda:
+                torch.cuda.synchronize(device)
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - s)
-    return {"times": times, "peak_rss": _peak_rss_bytes(reset_ok), "rss_setup": rss_setup, "build_s": build_s,
-            "modules": n_modules, "peak_reset": reset_ok}
+    out = {"times": times, "peak_rss": _peak_rss_bytes(reset_ok), "rss_setup": rss_setup, "build_s": build_s,
+           "modules": n_modules, "peak_reset": reset_ok, "lib_rss": lib_rss}
+    if cuda:
+        # On CUDA the memory figure is the allocator's peak (tensors only), as the issue asks.
+        out.update(peak_rss=torch.cuda.max_memory_allocated(device), rss_setup=alloc_setup,
+                   peak_host_rss=_peak_rss_bytes(reset_ok), gpu=torch.cuda.get_device_name(device))
+    return out
 
 
 def run_worker(spec: dict, inproc: bool = False) -> dict:
@@ -228,7 +264,8 @@ def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_s
     for r in range(args.rounds):
         for key, variant, ckpt in variants:
             spec = {"model": model, "variant": variant, "ckpt": ckpt, "batch": args.batch, "latent": args.latent,
-                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "peft_site": peft_site}
+                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "peft_site": peft_site,
+                    "device": args.device, "autocast": args.autocast, "fused": key != "lora_plain"}
             res = run_worker(spec, inproc=args.smoke or model == "tiny")
             runs[key].append(res)
             log(f"  [{model} round {r + 1}] {key:12s} step {med(res['times']):8.3f} s  "
@@ -241,6 +278,7 @@ def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_s
             "peak_rss_median": med([res["peak_rss"] for res in runs[key]]),
             "rss_setup_median": med([res["rss_setup"] for res in runs[key]]),
             "modules": runs[key][0]["modules"], "times": times,
+            "lib_rss_median": med([res["lib_rss"] for res in runs[key]]),
         }
     for key in runs:
         if key == "floor":
@@ -249,6 +287,10 @@ def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_s
         mr = [a["peak_rss"] / f["peak_rss"] for a, f in zip(runs[key], runs["floor"])]
         out[f"time_ratio_{key}"] = {"median": med(tr), "spread": spread(tr), "per_round": tr}
         out[f"mem_ratio_{key}"] = {"median": med(mr), "spread": spread(mr), "per_round": mr}
+        if args.device == "cpu":
+            # The same ratio against a floor process that never imported the optimizer's libraries.
+            mr = [a["peak_rss"] / (f["peak_rss"] - f["lib_rss"]) for a, f in zip(runs[key], runs["floor"])]
+            out[f"mem_ratio_{key}_vs_bare_floor"] = {"median": med(mr), "spread": spread(mr), "per_round": mr}
     if "peft" in runs:
         tr = [med(a["times"]) / med(p["times"]) for a, p in zip(runs["lora"], runs["peft"])]
         mr = [a["peak_rss"] / p["peak_rss"] for a, p in zip(runs["lora"], runs["peft"])]
@@ -263,13 +305,14 @@ def growth_section(args, log) -> dict:
     rows = []
     for b, hw in points:
         spec = {"model": args.growth_model, "variant": "lora", "ckpt": False, "batch": b, "latent": hw,
-                "steps": args.growth_steps, "warmup": args.growth_warmup, "threads": args.threads, "peft_site": None}
+                "steps": args.growth_steps, "warmup": args.growth_warmup, "threads": args.threads, "peft_site": None,
+                "device": args.device, "autocast": args.autocast}
         res = run_worker(spec, inproc=args.smoke or args.growth_model == "tiny")
         rows.append({"batch": b, "latent": hw, "step_s_median": med(res["times"]),
                      "step_s_spread": spread(res["times"]), "peak_rss": res["peak_rss"], "rss_setup": res["rss_setup"]})
         log(f"  [growth] batch {b} latent {hw}x{hw}: {med(res['times']):.3f} s, "
             f"peak RSS {res['peak_rss'] / 2**20:.0f} MiB")
-    base = next((r for r in rows if r["batch"] == 2 and r["latent"] == 32), rows[0])
+    base = next((r for r in rows if r["batch"] == 2 and r["latent"] == args.latent), rows[0])
     for r in rows:
         work = (r["batch"] * r["latent"] ** 2) / (base["batch"] * base["latent"] ** 2)
         r["time_vs_base"] = r["step_s_median"] / base["step_s_median"]
@@ -479,6 +522,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: memory = peak allocated)")
+    ap.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                    help="mixed precision: UNet weights in this dtype, autocast around the forward, fp32 LoRA")
+    ap.add_argument("--growth-points", default=None,
+                    help="batch x latent points of the growth table, e.g. 1x64,2x64,4x64,2x32 (default by mode)")
+    ap.add_argument("--ab-fused", action="store_true",
+                    help="also time ours with the fused LoRA Linear path off (variant lora_plain)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["steps", "growth", "data", "grid"])
     ap.add_argument("--peft-site", default=None, help=f"extra sys.path for peft (default {DEFAULT_PEFT_SITE} if any)")
     ap.add_argument("--data-dir", default=str(DREAMBOOTH))
@@ -489,10 +539,15 @@ def main(argv=None) -> int:
         res = worker(json.loads(args.worker))
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
-    rounds, steps, warmup, latent = args.rounds, args.steps, args.warmup, args.latent
+    rounds, steps, warmup, latent, points = args.rounds, args.steps, args.warmup, args.latent, args.growth_points
     configure(args)
     if not (args.smoke or args.quick):
         args.rounds, args.steps, args.warmup, args.latent = rounds, steps, warmup, latent
+    if points:
+        args.growth_points = [tuple(int(v) for v in p.split("x")) for p in points.split(",")]
+    if args.device != "cpu":
+        # One step without warm-up times CUDA's first-call work (kernel choice, allocator growth), not the step.
+        args.growth_steps, args.growth_warmup = args.steps, args.warmup
     site = args.peft_site or (str(DEFAULT_PEFT_SITE) if DEFAULT_PEFT_SITE.is_dir() else None)
     use_peft = not args.no_peft and peft_available(site)
     started = time.perf_counter()
@@ -504,11 +559,14 @@ def main(argv=None) -> int:
     result: dict = {"mode": mode, "machine": machine_info(args.threads, site if use_peft else None),
                     "settings": {"batch": args.batch, "latent": args.latent, "rank": RANK, "alpha": ALPHA,
                                  "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                                 "device": args.device, "autocast": args.autocast,
                                  "optimizer": f"AdamW lr {LR}", "peft": use_peft}}
     nan = float("nan")
     if "steps" not in args.skip:
         for model in args.models:
             variants = [("floor", "floor", False), ("lora", "lora", False), ("lora_ckpt", "lora", True)]
+            if args.ab_fused:
+                variants.append(("lora_plain", "lora", False))
             if model == "tiny":
                 variants.append(("floor_ckpt", "floor", True))
             if use_peft:
@@ -575,8 +633,8 @@ def print_table(result: dict) -> None:
         if not st:
             continue
         for key in ("time_ratio_lora", "time_ratio_lora_ckpt", "time_ratio_floor_ckpt", "time_ratio_peft",
-                    "ours_over_peft_time", "mem_ratio_lora", "mem_ratio_lora_ckpt", "mem_ratio_peft",
-                    "ours_over_peft_mem"):
+                    "time_ratio_lora_plain", "ours_over_peft_time", "mem_ratio_lora", "mem_ratio_lora_vs_bare_floor",
+                    "mem_ratio_lora_ckpt", "mem_ratio_peft", "mem_ratio_lora_plain", "ours_over_peft_mem"):
             v = st.get(key)
             if v is None:
                 continue
@@ -584,8 +642,9 @@ def print_table(result: dict) -> None:
             print(f"{model + ' ' + key:34s} {v['median']:8.3f}  {lo:8.3f} - {hi:7.3f}  {targets.get(key, '')}")
         for key, v in st["variants"].items():
             lo, hi = v["step_s_spread"]
+            mem = "peak allocated" if result["settings"].get("device", "cpu") != "cpu" else "peak RSS"
             print(f"{model + ' step s ' + key:34s} {v['step_s_median']:8.3f}  {lo:8.3f} - {hi:7.3f}  "
-                  f"peak RSS {v['peak_rss_median'] / 2**20:.0f} MiB")
+                  f"{mem} {v['peak_rss_median'] / 2**20:.0f} MiB")
     if "growth" in result:
         print(f"\ngrowth ({result['growth']['model']}, LoRA step): batch latent  s/step  x base  work  x/work  act-mem")
         for r in result["growth"]["rows"]:
