@@ -503,11 +503,12 @@ def configure(args) -> None:
     else:
         args.models = ["tiny", "sd15"]
         args.growth_model = "sd15"
-        args.growth_points = [(1, 32), (4, 32), (2, 16), (2, 64)]
+        args.growth_points = [(2, 32), (1, 32), (4, 32), (2, 16), (2, 64)]
         args.growth_steps, args.growth_warmup = 1, 0
         args.data_sizes, args.data_folders = [256, 512], 100
-        args.grid_files, args.grid_weights, args.grid_steps = 2, [0.2, 0.4, 0.6, 0.8, 1.0], 10
-        args.grid_rounds = 7
+        # The grid Script's default Y axis: weights 0.1 ... 1.0, here for two checkpoints.
+        args.grid_files, args.grid_weights, args.grid_steps = 2, [round(0.1 * i, 1) for i in range(1, 11)], 10
+        args.grid_rounds = 5
 
 
 def main(argv=None) -> int:
