@@ -611,6 +611,8 @@ def main(argv=None) -> int:
                                    if isinstance(v, dict)), default=nan),
         "vae_calls_epoch2": sum(v["vae_calls_epoch2"] for v in result.get("data", {}).values() if isinstance(v, dict)),
         "grid_cell_overhead": result.get("grid", {}).get("overhead", nan),
+        "grid_own_overhead": result.get("grid", {}).get("own_overhead", nan),
+        "mem_floor_ratio_sd15_bare_floor": fig(st, "mem_ratio_lora_vs_bare_floor"),
     }
     result.update(summary)
     result["total_s"] = time.perf_counter() - started
@@ -659,7 +661,9 @@ def print_table(result: dict) -> None:
     if "grid" in result:
         g = result["grid"]
         print(f"grid: {g['grid_s_per_cell'] * 1000:.1f} ms/cell vs plain {g['plain_s_per_gen'] * 1000:.1f} ms, "
-              f"overhead {g['overhead']:+.3f} ({g['overhead_spread'][0]:+.3f} .. {g['overhead_spread'][1]:+.3f})")
+              f"overhead {g['overhead']:+.3f} ({g['overhead_spread'][0]:+.3f} .. {g['overhead_spread'][1]:+.3f}); "
+              f"own work {g['own_ms_per_cell']:.1f} ms/cell = {g['own_overhead']:+.3f} "
+              f"({g['own_overhead_spread'][0]:+.3f} .. {g['own_overhead_spread'][1]:+.3f})")
     print()
     for key in ("floor_ratio_sd15", "floor_ratio_sd15_ckpt", "peft_time_ratio_sd15", "peft_mem_ratio_sd15",
                 "mem_floor_ratio_sd15", "epoch2_over_epoch1", "grid_cell_overhead"):
