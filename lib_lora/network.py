@@ -336,7 +336,7 @@ class LoRANetwork(nn.Module):
         Raises:
             FormatError: a tensor holds NaN/Inf (the message names the key).
         """
-        _check_finite_fast(state_dict)
+        check_finite(state_dict)
         modules, unknown = group_keys(state_dict)
         found = find_targets(unet, text_encoders, arch, include_conv=True)
         lookup = _name_lookup(found)
@@ -644,14 +644,9 @@ class WeightSwitcher:
         net = self._net
         if not self._open or not net._backups:
             raise RuntimeError("the weight switcher is closed (or the network was unmerged)")
+        net.set_multiplier(multiplier, te=te, unet=unet)
         idx, factors = [], []
         for i, lora in enumerate(self._loras):
-            # LoRANetwork.set_multiplier's rule. ``multiplier`` is a plain attribute (no parameter, buffer or
-            # module), so object.__setattr__ does what nn.Module.__setattr__ would, without its checks (~10 us each).
-            value = unet if lora.part == "unet" and unet is not None else te if lora.part == "te" and te is not None \
-                else multiplier
-            if value is not None and lora.multiplier != float(value):
-                object.__setattr__(lora, "multiplier", float(value))
             factor = lora.multiplier * lora.scale
             if factor != self._written[i]:
                 idx.append(i)
@@ -683,51 +678,6 @@ class WeightSwitcher:
             self._deltas.clear()
             self._originals.clear()
             self._views.clear()
-
-
-def _check_finite_fast(state_dict: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:
-    """:func:`check_finite` in a few passes instead of one per tensor (a file has three tensors per module).
-
-    Small tensors of one dtype and device are joined, up to ``chunk`` elements at a time (the memory the check
-    may add), and checked with one ``aminmax`` (NaN and +-Inf propagate to min/max); larger ones are checked
-    alone, as there. On a hit :func:`check_finite` runs over the whole dict, so the message is the same.
-
-    Raises:
-        FormatError: as :func:`check_finite`.
-    """
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    large = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            continue
-        if value.numel() >= chunk:
-            large[key] = value
-        else:
-            groups.setdefault((value.dtype, value.device), []).append(value.detach().reshape(-1))
-    batches = []
-    for tensors in groups.values():
-        batch, size = [], 0
-        for t in tensors:
-            batch.append(t)
-            size += t.numel()
-            if size >= chunk:
-                batches.append(batch)
-                batch, size = [], 0
-        if batch:
-            batches.append(batch)
-    for batch in batches:
-        if not _joined_finite(batch):
-            check_finite(state_dict)
-    check_finite(large)
-
-
-def _joined_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when every element of the 1-D ``tensors`` (one dtype and device) is finite."""
-    try:
-        low, high = torch.aminmax(torch.cat(tensors))
-    except (RuntimeError, NotImplementedError):  # a dtype without aminmax on this device
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _name_lookup(found: Sequence[Target]) -> dict[str, Target]:

@@ -204,20 +204,53 @@ def group_lora_keys(state_dict: Iterable[str] | Mapping[str, Any]) -> tuple[dict
     return modules, unknown
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+def check_finite(state_dict: Mapping[str, torch.Tensor], chunk: int = 1 << 24) -> None:
     """Raise if any floating-point tensor holds NaN or ±Inf.
+
+    A LoRA file holds three small tensors per module, so small tensors of one dtype and device are joined, up to
+    ``chunk`` elements at a time (the memory the check may add), and checked with one ``aminmax`` each (min/max
+    propagate NaN and hold any ±Inf); tensors of ``chunk`` elements or more are checked alone. Only when a pass
+    finds something are the tensors checked one by one, to name the key.
 
     Args:
         state_dict: ``{key: tensor}``; non-float tensors and non-tensors are skipped.
+        chunk: elements per joined pass.
 
     Raises:
         FormatError: naming the first offending key in iteration order, e.g.
             ``"lora_unet_..._to_q.lora_up.weight holds NaN"`` (``"holds Inf"`` when there is no NaN).
     """
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    sizes: dict[tuple, int] = {}
+    alone = []
+    for value in state_dict.values():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        if value.numel() >= chunk:
+            alone.append([value.detach().reshape(-1)])
+            continue
+        group = (value.dtype, value.device)
+        if group not in groups or sizes[group] >= chunk:
+            groups.setdefault(group, []).append([])
+            sizes[group] = 0
+        groups[group][-1].append(value.detach().reshape(-1))
+        sizes[group] += value.numel()
+    if all(_all_finite(batch) for batches in groups.values() for batch in batches) and all(
+            _all_finite(batch) for batch in alone):
+        return
     for key, value in state_dict.items():
         reason = _non_finite_reason(value)
         if reason:
             raise FormatError(f"{key} {reason}")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every element of the 1-D ``tensors`` (one dtype and device) is finite."""
+    try:
+        low, high = torch.aminmax(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax on this device
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _non_finite_reason(value: Any) -> str | None:

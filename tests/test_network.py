@@ -22,7 +22,7 @@ from lib_lora.lora_module import LoRAModule
 from lib_lora.model.build import build_hf_clip_text, build_openclip_text, build_unet
 from lib_lora.model.configs import HF_CLIP_TINY, OPENCLIP_TINY, UNET_TINY_SD1, UNET_TINY_SD2
 from lib_lora.model_api import TextEncoderRoot
-from lib_lora.network import LoadReport, LoRANetwork, _check_finite_fast, find_targets
+from lib_lora.network import LoadReport, LoRANetwork, find_targets
 from lib_lora.safetensors_io import load_lora_file, save_lora_file
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -1007,21 +1007,3 @@ def test_from_weights_reuse_loads_into_a_fitting_network(trained, sd1, inputs):
     assert third is not net
     got = net.kohya_state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)  # still sd_b's tensors
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_batched_finite_check_names_the_key(bad):
-    """The joined check of from_weights finds one bad value among many small tensors (and in a tensor checked
-    alone), and the message names its key as check_finite does."""
-    g = torch.Generator().manual_seed(0)
-    sd = {f"m{i}.lora_up.weight": torch.randn(8, 4, generator=g) for i in range(50)}
-    sd["m0.alpha"] = torch.tensor(4.0, dtype=torch.float16)
-    sd["ids"] = torch.arange(5)
-    sd["big.lora_down.weight"] = torch.randn(10, 10, generator=g)  # >= chunk: checked alone
-    _check_finite_fast(sd, chunk=64)
-    for key in ("m37.lora_up.weight", "m0.alpha", "big.lora_down.weight"):
-        broken = dict(sd)
-        broken[key] = broken[key].clone().reshape(-1)
-        broken[key][-1] = bad
-        with pytest.raises(FormatError, match=f"{key} holds {'NaN' if bad != bad else 'Inf'}"):
-            _check_finite_fast(broken, chunk=64)

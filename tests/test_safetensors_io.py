@@ -654,3 +654,21 @@ def test_check_finite():
     assert str(err.value) == f"{bad_key} holds NaN"
     with pytest.raises(FormatError, match=rf"^{TE}\.lora_up\.weight holds Inf$"):
         check_finite({f"{TE}.lora_up.weight": sd[f"{TE}.lora_up.weight"].bfloat16()})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_batched_finite_check_names_the_key(bad):
+    """The joined check finds one bad value among many small tensors (and in a tensor checked
+    alone), and the message names its key as check_finite does."""
+    g = torch.Generator().manual_seed(0)
+    sd = {f"m{i}.lora_up.weight": torch.randn(8, 4, generator=g) for i in range(50)}
+    sd["m0.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    sd["ids"] = torch.arange(5)
+    sd["big.lora_down.weight"] = torch.randn(10, 10, generator=g)  # >= chunk: checked alone
+    check_finite(sd, chunk=64)
+    for key in ("m37.lora_up.weight", "m0.alpha", "big.lora_down.weight"):
+        broken = dict(sd)
+        broken[key] = broken[key].clone().reshape(-1)
+        broken[key][-1] = bad
+        with pytest.raises(FormatError, match=f"{key} holds {'NaN' if bad != bad else 'Inf'}"):
+            check_finite(broken, chunk=64)
