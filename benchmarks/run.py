@@ -237,13 +237,8 @@ def run_worker(spec: dict, inproc: bool = False) -> dict:
         os.unlink(out)
 
 
-def peft_available(site: str | None) -> bool:
-    code = "import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; import peft; print(peft.__version__)"
-    proc = subprocess.run([sys.executable, "-c", code, site or ""], capture_output=True, text=True)
-    return proc.returncode == 0
-
-
 def peft_version(site: str | None) -> str | None:
+    """peft's version as a fresh interpreter (with ``site`` on its path) imports it; None when it cannot."""
     code = "import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; import peft; print(peft.__version__)"
     proc = subprocess.run([sys.executable, "-c", code, site or ""], capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -468,7 +463,7 @@ def grid_section(args, log) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def machine_info(threads: int, peft_site: str | None) -> dict:
+def machine_info(threads: int, peft_ver: str | None) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name: str) -> str | None:
@@ -481,7 +476,7 @@ def machine_info(threads: int, peft_site: str | None) -> dict:
             "cpu_count": os.cpu_count(), "torch": ver("torch"), "transformers": ver("transformers"),
             "open_clip": ver("open-clip-torch"), "diffusers": ver("diffusers"), "safetensors": ver("safetensors"),
             "stable_diffusion_sdkit": ver("stable-diffusion-sdkit"),
-            "peft": peft_version(peft_site), "torch_threads": threads,
+            "peft": peft_ver, "torch_threads": threads,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
@@ -550,14 +545,15 @@ def main(argv=None) -> int:
         # One step without warm-up times CUDA's first-call work (kernel choice, allocator growth), not the step.
         args.growth_steps, args.growth_warmup = args.steps, args.warmup
     site = args.peft_site or (str(DEFAULT_PEFT_SITE) if DEFAULT_PEFT_SITE.is_dir() else None)
-    use_peft = not args.no_peft and peft_available(site)
+    peft_ver = None if args.no_peft else peft_version(site)
+    use_peft = peft_ver is not None
     started = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    result: dict = {"mode": mode, "machine": machine_info(args.threads, site if use_peft else None),
+    result: dict = {"mode": mode, "machine": machine_info(args.threads, peft_ver),
                     "settings": {"batch": args.batch, "latent": args.latent, "rank": RANK, "alpha": ALPHA,
                                  "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                                  "device": args.device, "autocast": args.autocast,

@@ -50,12 +50,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, down (r, in), up (out, r); returns (..., out).
     ``weight`` and ``bias`` must not require grad (frozen base layer); ``scale`` is a Python float
-    (multiplier * alpha / rank). Gradients flow to x, down and up.
+    (multiplier * alpha / rank); ``compute_dtype`` is the autocast dtype when autocast is on (the inputs are cast to
+    it), else None (all inputs already in one dtype). Gradients flow to x, down and up.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale: float):
-        cdt = _autocast_dtype(x.device.type)
+    def forward(ctx, x, weight, bias, down, up, scale: float, compute_dtype: torch.dtype | None):
+        cdt = compute_dtype
         if cdt is not None:
             # autocast would have run each linear in cdt: do the same, explicitly, so backward (where autocast is
             # off) can use the same dtypes.
@@ -74,7 +75,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, down, up, mid = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
+        need_x, _, _, need_down, need_up, _, _ = ctx.needs_input_grad
         gmid = torch.mm(g, up).mul_(ctx.scale)
         grad_x = grad_down = grad_up = None
         if need_up:
@@ -84,7 +85,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x:
             grad_x = torch.mm(g, weight).addmm_(gmid, down)
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
-        return grad_x, None, None, grad_down, grad_up, None
+        return grad_x, None, None, grad_down, grad_up, None, None
 
 
 def fusable_linear(layer: nn.Module, forward) -> nn.Linear | None:
@@ -106,11 +107,12 @@ def lora_linear(x: torch.Tensor, layer: nn.Linear, down: torch.Tensor, up: torch
     """The fused forward for ``layer(x) + scale * up(down(x))``, or None when this call must take the plain path.
 
     The plain path stays for: a trained base weight or bias, x in a dtype other than the weights' without autocast
-    (the plain path casts the LoRA input to fp32 and back), and grad mode with nothing that needs a gradient.
+    (the plain path casts the LoRA input to fp32 and back).
     """
     w, b = layer.weight, layer.bias
     if w.requires_grad or (b is not None and b.requires_grad):
         return None
-    if _autocast_dtype(x.device.type) is None and not (x.dtype == w.dtype == down.dtype):
+    cdt = _autocast_dtype(x.device.type)
+    if cdt is None and not (x.dtype == w.dtype == down.dtype):
         return None
-    return LoRALinearFunction.apply(x, w, b, down, up, scale)
+    return LoRALinearFunction.apply(x, w, b, down, up, scale, cdt)

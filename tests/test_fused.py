@@ -19,8 +19,8 @@ def test_gradcheck_float64():
     w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     down = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     up = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: fused.LoRALinearFunction.apply(*a, 0.37), (x, w, b, down, up))
-    assert torch.autograd.gradcheck(lambda x, w, d, u: fused.LoRALinearFunction.apply(x, w, None, d, u, 1.5),
+    assert torch.autograd.gradcheck(lambda *a: fused.LoRALinearFunction.apply(*a, 0.37, None), (x, w, b, down, up))
+    assert torch.autograd.gradcheck(lambda x, w, d, u: fused.LoRALinearFunction.apply(x, w, None, d, u, 1.5, None),
                                     (x, w, down, up))
 
 
