@@ -111,6 +111,86 @@ def _target_names(unet) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def _prepared_unet(model: str, device, amp):
+    """The UNet on ``device`` as a trainer holds it: frozen, train mode, SDPA attention; under mixed precision (as
+    sd-scripts' weight_dtype and lib_lora's trainer do) in the autocast dtype with fp32 norm affines."""
+    import torch
+
+    from lib_lora.model.attention import use_sdpa
+
+    unet, ctx_dim = _build_unet(model)
+    unet.to(device, dtype=amp or torch.float32)
+    if amp is not None:  # as lib_lora.model.headless.HeadlessModel.to: norm affines fp32, ldm's dtype attribute set
+        for m in unet.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.float()
+        unet.dtype = amp
+    use_sdpa(unet)
+    unet.requires_grad_(False)
+    unet.train()
+    return unet, ctx_dim
+
+
+def paired_worker(spec: dict) -> dict:
+    """Floor and LoRA steps alternated in one process on one UNet (ABBA order: F L, L F, F L, ...), the network
+    attached for LoRA steps only. No memory figure (one process holds both); for time, each pair runs back to back
+    under the same machine load, so the per-pair ratio is far less noisy than one formed across processes."""
+    import torch
+    import torch.nn.functional as F
+
+    from lib_lora.checkpointing import training_mode
+    from lib_lora.network import LoRANetwork
+    from lib_lora.recompute import tagged
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("autocast") or "")
+    cuda = device.type == "cuda"
+    unet, ctx_dim = _prepared_unet(spec["model"], device, amp)
+    net = LoRANetwork.create(unet, [], "sd1", network_dim=RANK, network_alpha=ALPHA, train_text_encoder=False)
+    net.to(device)
+    net.train()
+    groups, _ = net.prepare_optimizer_params(None, LR, LR)
+    opt = torch.optim.AdamW([p for g in groups for p in g["params"]], lr=LR)
+    g = torch.Generator().manual_seed(1)
+    b, hw = spec["batch"], spec["latent"]
+    x = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    ctx = torch.randn(b, 77, ctx_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    target = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def step(lora: bool) -> float:
+        if lora:
+            net.attach()
+        x.requires_grad_(not lora)
+        s = time.perf_counter()
+        with tagged(unet, enabled=lora):
+            with autocast:
+                pred = unet(x, t, context=ctx)
+            F.mse_loss(pred.float(), target).backward()
+        if lora:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        x.grad = None
+        if cuda:
+            torch.cuda.synchronize(device)
+        took = time.perf_counter() - s
+        if lora:
+            net.detach()
+        return took
+
+    floor, lora = [], []
+    with training_mode(unet, False):
+        for i in range(spec["warmup"] + spec["steps"]):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            times = {which: step(which) for which in order}
+            if i >= spec["warmup"]:
+                floor.append(times[False])
+                lora.append(times[True])
+    return {"floor": floor, "lora": lora, "pair_ratios": [a / f for a, f in zip(lora, floor)]}
+
+
 def worker(spec: dict) -> dict:
     """One variant in this process: build, set up, warm up, time ``steps`` steps, report times and peak RSS."""
     import torch
@@ -121,7 +201,6 @@ def worker(spec: dict) -> dict:
         sys.path.insert(0, spec["peft_site"])
     from lib_lora import fused
     from lib_lora.checkpointing import training_mode
-    from lib_lora.model.attention import use_sdpa
     from lib_lora.network import LoRANetwork
     from lib_lora.recompute import tagged
 
@@ -130,18 +209,7 @@ def worker(spec: dict) -> dict:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("autocast") or "")
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
-    unet, ctx_dim = _build_unet(spec["model"])
-    # As trainers do under mixed precision (sd-scripts' weight_dtype, lib_lora's trainer): the frozen UNet is held
-    # in the autocast dtype, the LoRA weights stay fp32.
-    unet.to(device, dtype=amp or torch.float32)
-    if amp is not None:  # as lib_lora.model.headless.HeadlessModel.to: norm affines fp32, ldm's dtype attribute set
-        for m in unet.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                m.float()
-        unet.dtype = amp
-    use_sdpa(unet)
-    unet.requires_grad_(False)
-    unet.train()
+    unet, ctx_dim = _prepared_unet(spec["model"], device, amp)
     build_s = time.perf_counter() - t0
     variant, b, hw = spec["variant"], spec["batch"], spec["latent"]
     params, net, n_modules = [], None, 0
@@ -226,11 +294,12 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, inproc: bool = False) -> dict:
-    """Runs :func:`worker` in a fresh subprocess (own peak RSS), or in this process for the tiny UNet / smoke mode."""
+    """Runs :func:`worker` (:func:`paired_worker` for a ``paired`` spec) in a fresh subprocess (own peak RSS), or in
+    this process for the tiny UNet / smoke mode."""
     if inproc:
         import gc
 
-        res = worker(spec)
+        res = (paired_worker if spec.get("paired") else worker)(spec)
         gc.collect()
         return res
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
@@ -264,6 +333,7 @@ def spread(xs):
 def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_site: str | None, log) -> dict:
     """Rounds of interleaved fresh-process variants; per-round ratios to the floor (time and peak RSS)."""
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in variants}
+    paired: list[dict] = []
     for r in range(args.rounds):
         for key, variant, ckpt in variants:
             spec = {"model": model, "variant": variant, "ckpt": ckpt, "batch": args.batch, "latent": args.latent,
@@ -274,6 +344,13 @@ def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_s
             runs[key].append(res)
             log(f"  [{model} round {r + 1}] {key:12s} step {med(res['times']):8.3f} s  "
                 f"peak RSS {res['peak_rss'] / 2**20:8.0f} MiB  (build {res['build_s']:.1f} s)")
+        if args.paired:
+            spec = {"model": model, "paired": True, "batch": args.batch, "latent": args.latent, "steps": args.steps,
+                    "warmup": args.warmup, "threads": args.threads, "device": args.device, "autocast": args.autocast}
+            res = run_worker(spec, inproc=args.smoke or model == "tiny")
+            paired.append(res)
+            log(f"  [{model} round {r + 1}] paired       floor {med(res['floor']):8.3f} s  lora "
+                f"{med(res['lora']):8.3f} s  ratio per pair {' '.join(f'{v:.3f}' for v in res['pair_ratios'])}")
     out: dict = {"variants": {}}
     for key in runs:
         times = [t for res in runs[key] for t in res["times"]]
@@ -295,6 +372,12 @@ def step_section(model: str, variants: list[tuple[str, str, bool]], args, peft_s
             # The same ratio against a floor process that never imported the optimizer's libraries.
             mr = [a["peak_rss"] / (f["peak_rss"] - f["lib_rss"]) for a, f in zip(runs[key], runs["floor"])]
             out[f"mem_ratio_{key}_vs_bare_floor"] = {"median": med(mr), "spread": spread(mr), "per_round": mr}
+    if paired:
+        pr = [v for res in paired for v in res["pair_ratios"]]
+        rounds = [med(res["pair_ratios"]) for res in paired]
+        out["paired_time_ratio_lora"] = {"median": med(pr), "spread": spread(pr), "per_round": rounds,
+                                         "floor_s": [v for res in paired for v in res["floor"]],
+                                         "lora_s": [v for res in paired for v in res["lora"]]}
     if "floor_lean" in runs:
         tr = [med(a["times"]) / med(f["times"]) for a, f in zip(runs["lora"], runs["floor_lean"])]
         mr = [a["peak_rss"] / f["peak_rss"] for a, f in zip(runs["lora"], runs["floor_lean"])]
@@ -539,6 +622,9 @@ def main(argv=None) -> int:
                     help="batch x latent points of the growth table, e.g. 1x64,2x64,4x64,2x32 (default by mode)")
     ap.add_argument("--ab-fused", action="store_true",
                     help="also time ours with the fused LoRA Linear path off (variant lora_plain)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also time floor and LoRA steps alternated in one process (paired_time_ratio_lora)")
+    ap.add_argument("--paired-only", action="store_true", help="of the step section, run the paired timing only")
     ap.add_argument("--skip", nargs="*", default=[], choices=["steps", "growth", "data", "grid"])
     ap.add_argument("--peft-site", default=None, help=f"extra sys.path for peft (default {DEFAULT_PEFT_SITE} if any)")
     ap.add_argument("--data-dir", default=str(DREAMBOOTH))
@@ -546,7 +632,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        res = (paired_worker if spec.get("paired") else worker)(spec)
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
     rounds, steps, warmup, latent, points = args.rounds, args.steps, args.warmup, args.latent, args.growth_points
@@ -585,6 +672,8 @@ def main(argv=None) -> int:
                 variants.append(("floor_ckpt", "floor", True))
             if use_peft:
                 variants.append(("peft", "peft", False))
+            if args.paired_only:
+                variants, args.paired = [], True
             log(f"training step, {model}: batch {args.batch}, latent {args.latent}x{args.latent}, rank {RANK}")
             result[f"steps_{model}"] = step_section(model, variants, args, site, log)
     if "growth" not in args.skip:
@@ -627,6 +716,7 @@ def main(argv=None) -> int:
         "grid_own_overhead": result.get("grid", {}).get("own_overhead", nan),
         "mem_floor_ratio_sd15_bare_floor": fig(st, "mem_ratio_lora_vs_bare_floor"),
         "floor_lean_ratio_sd15": fig(st, "ours_over_floor_lean_time"),
+        "floor_ratio_sd15_paired": fig(st, "paired_time_ratio_lora"),
         "mem_floor_lean_ratio_sd15": fig(st, "ours_over_floor_lean_mem"),
     }
     result.update(summary)
@@ -651,7 +741,8 @@ def print_table(result: dict) -> None:
         if not st:
             continue
         for key in ("time_ratio_lora", "time_ratio_lora_ckpt", "time_ratio_floor_ckpt", "time_ratio_peft",
-                    "time_ratio_lora_plain", "time_ratio_floor_lean", "ours_over_floor_lean_time",
+                    "paired_time_ratio_lora", "time_ratio_lora_plain", "time_ratio_floor_lean",
+                    "ours_over_floor_lean_time",
                     "ours_over_peft_time", "mem_ratio_lora", "mem_ratio_lora_vs_bare_floor", "mem_ratio_lora_ckpt",
                     "mem_ratio_peft", "mem_ratio_lora_plain", "mem_ratio_floor_lean", "ours_over_floor_lean_mem",
                     "ours_over_peft_mem"):

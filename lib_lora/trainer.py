@@ -370,8 +370,9 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         loss = float("nan")
         try:
-            # Without checkpointing, LoRA inputs that are norm/GEGLU outputs are recomputed in backward instead of
-            # kept (lib_lora.recompute); with it, checkpointing already recomputes whole blocks.
+            # Without checkpointing, LoRA inputs that are norm/GEGLU outputs, and the frozen UNet's own cheap
+            # activations (gelu(gate), GroupNorm -> SiLU -> conv), are recomputed in backward instead of kept
+            # (lib_lora.recompute); with it, checkpointing already recomputes whole blocks.
             with net.applied(), checkpointing.training_mode(model.unet, cfg.gradient_checkpointing), \
                     recompute.tagged(model.unet, enabled=not cfg.gradient_checkpointing):
                 net.train()
