@@ -112,7 +112,7 @@ class _PackScope:
     module's ops save of a tagged input is packed as the input's recipe. The post hook is registered with
     ``always_call=True``: the scope is closed even when the forward raises."""
 
-    def __init__(self, tag_output: Callable[[torch.Tensor], Callable[..., torch.Tensor]] | None = None) -> None:
+    def __init__(self, tag_output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self._open: list = []
         #: For an elementwise module (SiLU): op such that output = op(input); the output is tagged with the chained
         #: recipe op(input's recipe), so its consumers recompute both.
