@@ -131,6 +131,38 @@ def _prepared_unet(model: str, device, amp):
     return unet, ctx_dim
 
 
+def _device_amp(spec: dict):
+    """(torch.device, autocast dtype or None) of a worker spec."""
+    import torch
+
+    return torch.device(spec.get("device", "cpu")), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        spec.get("autocast") or "")
+
+
+def _step_inputs(b: int, hw: int, ctx_dim: int, device):
+    """Fixed random latents (b, 4, hw, hw), context (b, 77, ctx_dim), timesteps (b,) and target, on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    ctx = torch.randn(b, 77, ctx_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    target = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    return x, ctx, t, target
+
+
+def _our_network(unet, device):
+    """lib_lora's network on the UNet's 192 transformer-block layers (rank 32, alpha 16), train mode, and its
+    trainable parameters."""
+    from lib_lora.network import LoRANetwork
+
+    net = LoRANetwork.create(unet, [], "sd1", network_dim=RANK, network_alpha=ALPHA, train_text_encoder=False)
+    net.to(device)
+    net.train()
+    groups, _ = net.prepare_optimizer_params(None, LR, LR)
+    return net, [p for g in groups for p in g["params"]]
+
+
 def paired_worker(spec: dict) -> dict:
     """Floor and LoRA steps alternated in one process on one UNet (ABBA order: F L, L F, F L, ...), the network
     attached for LoRA steps only. No memory figure (one process holds both); for time, each pair runs back to back
@@ -139,25 +171,15 @@ def paired_worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     from lib_lora.checkpointing import training_mode
-    from lib_lora.network import LoRANetwork
     from lib_lora.recompute import tagged
 
     torch.set_num_threads(spec["threads"])
-    device = torch.device(spec.get("device", "cpu"))
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("autocast") or "")
+    device, amp = _device_amp(spec)
     cuda = device.type == "cuda"
     unet, ctx_dim = _prepared_unet(spec["model"], device, amp)
-    net = LoRANetwork.create(unet, [], "sd1", network_dim=RANK, network_alpha=ALPHA, train_text_encoder=False)
-    net.to(device)
-    net.train()
-    groups, _ = net.prepare_optimizer_params(None, LR, LR)
-    opt = torch.optim.AdamW([p for g in groups for p in g["params"]], lr=LR)
-    g = torch.Generator().manual_seed(1)
-    b, hw = spec["batch"], spec["latent"]
-    x = torch.randn(b, 4, hw, hw, generator=g).to(device)
-    ctx = torch.randn(b, 77, ctx_dim, generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
-    target = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    net, params = _our_network(unet, device)
+    opt = torch.optim.AdamW(params, lr=LR)
+    x, ctx, t, target = _step_inputs(spec["batch"], spec["latent"], ctx_dim, device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def step(lora: bool) -> float:
@@ -201,12 +223,10 @@ def worker(spec: dict) -> dict:
         sys.path.insert(0, spec["peft_site"])
     from lib_lora import fused
     from lib_lora.checkpointing import training_mode
-    from lib_lora.network import LoRANetwork
     from lib_lora.recompute import tagged
 
     fused.ENABLED = spec.get("fused", True)
-    device = torch.device(spec.get("device", "cpu"))
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("autocast") or "")
+    device, amp = _device_amp(spec)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     unet, ctx_dim = _prepared_unet(spec["model"], device, amp)
@@ -214,11 +234,7 @@ def worker(spec: dict) -> dict:
     variant, b, hw = spec["variant"], spec["batch"], spec["latent"]
     params, net, n_modules = [], None, 0
     if variant == "lora":
-        net = LoRANetwork.create(unet, [], "sd1", network_dim=RANK, network_alpha=ALPHA, train_text_encoder=False)
-        net.to(device)
-        net.train()
-        groups, _ = net.prepare_optimizer_params(None, LR, LR)
-        params = [p for g in groups for p in g["params"]]
+        net, params = _our_network(unet, device)
         n_modules = len(net.names())
         net.attach()
     elif variant == "peft":
@@ -240,17 +256,13 @@ def worker(spec: dict) -> dict:
     lib_rss = (_status_kb("VmRSS") or 0) * 1024 - rss_before_opt
     if not params:
         opt = None
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(b, 4, hw, hw, generator=g).to(device)
-    ctx = torch.randn(b, 77, ctx_dim, generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
-    target = torch.randn(b, 4, hw, hw, generator=g).to(device)
+    x, ctx, t, target = _step_inputs(b, hw, ctx_dim, device)
     if variant == "floor":
         x.requires_grad_(True)
-    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None else None)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def step() -> None:
-        with autocast if autocast is not None else contextlib.nullcontext():
+        with autocast:
             pred = unet(x, t, context=ctx)
         loss = F.mse_loss(pred.float(), target)
         loss.backward()
@@ -283,9 +295,8 @@ def worker(spec: dict) -> dict:
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - s)
             step_peaks.append(_peak_rss_bytes(reset_ok) if not cuda else torch.cuda.max_memory_allocated(device))
-    out = {"times": times, "peak_rss": max(step_peaks) if reset_ok or cuda else _peak_rss_bytes(reset_ok),
-           "step_peaks": step_peaks, "rss_setup": rss_setup, "build_s": build_s,
-           "modules": n_modules, "peak_reset": reset_ok, "lib_rss": lib_rss}
+    out = {"times": times, "peak_rss": max(step_peaks), "step_peaks": step_peaks, "rss_setup": rss_setup,
+           "build_s": build_s, "modules": n_modules, "peak_reset": reset_ok, "lib_rss": lib_rss}
     if cuda:
         # On CUDA the memory figure is the allocator's peak (tensors only), as the issue asks.
         out.update(peak_rss=torch.cuda.max_memory_allocated(device), rss_setup=alloc_setup,
@@ -603,6 +614,17 @@ def configure(args) -> None:
         args.grid_rounds = 5
 
 
+def _growth_points(text: str) -> list[tuple[int, int]]:
+    """``"1x64,2x64"`` -> [(1, 64), (2, 64)] (batch x latent side, both >= 1); argparse reports a bad value."""
+    try:
+        points = [tuple(int(v) for v in p.split("x")) for p in text.split(",")]
+    except ValueError:
+        points = []
+    if not points or any(len(p) != 2 or min(p) < 1 for p in points):
+        raise argparse.ArgumentTypeError(f"expected BATCHxLATENT[,BATCHxLATENT...], e.g. 1x64,2x32; got {text!r}")
+    return points
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="SD1.5-size at 16x16 latents, one round (~3-5 min)")
@@ -618,7 +640,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: memory = peak allocated)")
     ap.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
                     help="mixed precision: UNet weights in this dtype, autocast around the forward, fp32 LoRA")
-    ap.add_argument("--growth-points", default=None,
+    ap.add_argument("--growth-points", default=None, type=_growth_points,
                     help="batch x latent points of the growth table, e.g. 1x64,2x64,4x64,2x32 (default by mode)")
     ap.add_argument("--ab-fused", action="store_true",
                     help="also time ours with the fused LoRA Linear path off (variant lora_plain)")
@@ -640,8 +662,9 @@ def main(argv=None) -> int:
     configure(args)
     if not (args.smoke or args.quick):
         args.rounds, args.steps, args.warmup, args.latent = rounds, steps, warmup, latent
+    args.paired = args.paired or args.paired_only
     if points:
-        args.growth_points = [tuple(int(v) for v in p.split("x")) for p in points.split(",")]
+        args.growth_points = points
     if args.device != "cpu":
         # One step without warm-up times CUDA's first-call work (kernel choice, allocator growth), not the step.
         args.growth_steps, args.growth_warmup = args.steps, args.warmup
@@ -673,7 +696,7 @@ def main(argv=None) -> int:
             if use_peft:
                 variants.append(("peft", "peft", False))
             if args.paired_only:
-                variants, args.paired = [], True
+                variants = []
             log(f"training step, {model}: batch {args.batch}, latent {args.latent}x{args.latent}, rank {RANK}")
             result[f"steps_{model}"] = step_section(model, variants, args, site, log)
     if "growth" not in args.skip:

@@ -28,21 +28,18 @@ from torch import nn
 ENABLED = True
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
-    if device_type == "cuda":
-        on = torch.is_autocast_enabled()
-    else:
-        try:
-            on = torch.is_autocast_enabled(device_type)
-        except TypeError:  # older torch: only the CPU-specific query
-            on = device_type == "cpu" and torch.is_autocast_cpu_enabled()
-    if not on:
-        return None
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast region open now for ``device_type`` ("cpu", "cuda", ...), or None when autocast is
+    off there. Uses the per-device-type API of torch >= 2.4 and falls back to the per-device functions of older torch
+    (the WebUI's 2.1). Raises nothing."""
     try:
-        return torch.get_autocast_dtype(device_type)
-    except (AttributeError, TypeError):
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -112,7 +109,7 @@ def lora_linear(x: torch.Tensor, layer: nn.Linear, down: torch.Tensor, up: torch
     w, b = layer.weight, layer.bias
     if w.requires_grad or (b is not None and b.requires_grad):
         return None
-    cdt = _autocast_dtype(x.device.type)
+    cdt = autocast_dtype(x.device.type)
     if cdt is None and not (x.dtype == w.dtype == down.dtype):
         return None
     return LoRALinearFunction.apply(x, w, b, down, up, scale, cdt)

@@ -86,7 +86,7 @@ class LoRAModule(nn.Module):
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """``up(dropouts(down(x))) * multiplier * scale`` in fp32, for x shaped as the target layer's input."""
         w = self.lora_down.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled():
+        if x.dtype != w.dtype and fused.autocast_dtype(x.device.type) is None:
             x = x.to(w.dtype)
         # A tagged input (a norm or GEGLU output, see lib_lora.recompute) is recomputed in backward, not kept.
         with recompute.saving_recipe(x):

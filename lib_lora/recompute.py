@@ -41,6 +41,7 @@ saved-tensor hooks must see all tensors saved in the region).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,23 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 RECIPE_ATTR = "_lib_lora_recipe"
+
+#: ``register_forward_hook(..., always_call=True)`` exists (torch >= 2.1).
+_ALWAYS_CALL = "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
 
 #: Module classes whose output is tagged: output = module(input), recomputed by calling the module again.
 _NORM_CLASSES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm)
-
-
-def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
-    """(device type, dtype) of the autocast region open now for ``device_type``, or None (torch 2.1 API fallback)."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        return (device_type, torch.get_autocast_dtype(device_type)) if enabled else None
-    except (TypeError, AttributeError):  # torch < 2.4 (the WebUI's 2.1): per-device functions
-        if device_type == "cpu":
-            return ("cpu", torch.get_autocast_cpu_dtype()) if torch.is_autocast_cpu_enabled() else None
-        if device_type == "cuda":
-            return ("cuda", torch.get_autocast_gpu_dtype()) if torch.is_autocast_enabled() else None
-        return None
 
 
 @dataclass
@@ -90,7 +83,13 @@ class _Packed:
 
 
 def _recipe(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args) -> _Recipe:
-    return _Recipe(fn, args, _autocast_state(out.device.type))
+    dtype = fused.autocast_dtype(out.device.type)
+    return _Recipe(fn, args, (out.device.type, dtype) if dtype is not None else None)
+
+
+def _packed(recipe: _Recipe, t: torch.Tensor) -> _Packed:
+    """``t`` saved as ``recipe``: its view (shape, stride, offset) of the recipe's result, and its dtype."""
+    return _Packed(recipe, t.shape, t.stride(), t.storage_offset(), t.dtype)
 
 
 def _tag(out: torch.Tensor, recipe: _Recipe) -> None:
@@ -167,13 +166,13 @@ class _GegluScope:
         if not (isinstance(h, torch.Tensor) and h.requires_grad and h.dim() >= 1 and h.shape[-1] % 2 == 0):
             return
         gate_shape = h.shape[:-1] + (h.shape[-1] // 2,)
-        ptr = h.untyped_storage().data_ptr()
-        recipe = _recipe(h, _gate_gelu, h)
+        ptr, dtype = h.untyped_storage().data_ptr(), h.dtype
+        recipe = _recipe(h, _gate_gelu, h)  # holds h, which the GELU and the product keep anyway
 
         def pack(t: torch.Tensor):
-            if t.dtype == h.dtype and t.shape == gate_shape and t.untyped_storage().data_ptr() != ptr and \
+            if t.dtype == dtype and t.shape == gate_shape and t.untyped_storage().data_ptr() != ptr and \
                     t.is_contiguous() and t.storage_offset() == 0:
-                return _Packed(recipe, t.shape, t.stride(), 0, t.dtype)
+                return _packed(recipe, t)
             return t
 
         ctx = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
@@ -219,12 +218,11 @@ def tag_recomputable_outputs(unet: nn.Module) -> list[torch.utils.hooks.Removabl
     ``GroupNorm -> SiLU -> Conv2d`` chains (see the module docstring). Hooks act only while grad mode is on.
     Returns the handles (``handle.remove()`` undoes it)."""
     handles = []
-    scopes_ok = _always_call_supported()
 
     def scoped(module: nn.Module, scope) -> bool:
         # A scope left open by a forward that raised would pack unrelated tensors later: without ``always_call``
         # (torch < 2.1) these savings are not installed at all.
-        if not scopes_ok:
+        if not _ALWAYS_CALL:
             return False
         handles.append(module.register_forward_pre_hook(scope.pre))
         handles.append(module.register_forward_hook(scope.post, always_call=True))
@@ -243,12 +241,6 @@ def tag_recomputable_outputs(unet: nn.Module) -> list[torch.utils.hooks.Removabl
             if conv is not None:
                 scoped(conv, _PackScope())
     return handles
-
-
-def _always_call_supported() -> bool:
-    import inspect
-
-    return "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
 
 
 #: Open :func:`tagged` contexts; op outputs (not module outputs) are tagged only while one is open.
@@ -318,7 +310,7 @@ def _storage_packer(x: torch.Tensor, recipe: _Recipe) -> Callable[[torch.Tensor]
     def pack(t: torch.Tensor):
         st = t.untyped_storage()
         if st.data_ptr() == ptr and st.nbytes() == nbytes and t.dtype == dtype:
-            return _Packed(recipe, t.shape, t.stride(), t.storage_offset(), t.dtype)
+            return _packed(recipe, t)
         return t
 
     return pack

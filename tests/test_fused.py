@@ -127,3 +127,13 @@ def test_network_attach_sets_and_detach_clears_fused_targets():
         assert linear and all(m.fused_target for m in linear)
         assert all(not m.fused_target for m in mods if m.is_conv)  # SD1's proj_in/proj_out 1x1 convs
     assert all(not m.fused_target for m in mods)
+
+
+def test_autocast_dtype_follows_the_open_region():
+    """The one autocast query fused and recompute share: None outside autocast, the region's dtype inside, per
+    device type."""
+    assert fused.autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.autocast_dtype("cpu") == torch.bfloat16
+        assert fused.autocast_dtype("cuda") is None
+    assert fused.autocast_dtype("cpu") is None
